@@ -1,0 +1,362 @@
+"""Shared predict loop for the benchmark runners (run_longbench.py, run_ruler.py, ...).
+
+load model -> (runner builds prompts and truncates) -> generate under one compression method ->
+append one JSON line per sample. Everything protocol-specific (prompts, truncation, metrics) lives in
+the runner; this module only knows how to load, generate greedily and write results safely.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL_PATH = os.path.join(REPO_ROOT, "ckpt", "pyramidkv-tiny-llama")
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+POOLINGS = ("maxpool", "avgpool")
+CHAT_TEMPLATE_MODES = ("auto", "none")
+
+logger = logging.getLogger("pyramidkv.predict")
+_kept_counts_logged: set = set()  # (method, model id) pairs already logged this process
+
+
+class CLIError(Exception):
+    """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every runner (names follow PyramidKV/KVCache-Factory scripts)."""
+    g = parser.add_argument_group("model and compression")
+    g.add_argument("--method", default="FullKV",
+                   help="compression method (case-insensitive): FullKV, SnapKV, PyramidKV, H2O, "
+                        "StreamingLLM, L2Norm, ... (default: FullKV)")
+    g.add_argument("--model_path", default=DEFAULT_MODEL_PATH,
+                   help="local checkpoint dir or hub id (default: the embedded ckpt/pyramidkv-tiny-llama)")
+    g.add_argument("--save_dir", default="results", help="root directory for predictions (default: results)")
+    g.add_argument("--max_capacity_prompts", type=int, default=128,
+                   help="KV entries kept per layer and KV head, window included (default: 128)")
+    g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    g.add_argument("--window_size", type=int, default=8, help="observation window (default: 8)")
+    g.add_argument("--kernel_size", type=int, default=7, help="pooling kernel (default: 7)")
+    g.add_argument("--pooling", default="maxpool", choices=POOLINGS)
+    g.add_argument("--beta", type=float, default=None, help="PyramidKV budget ratio (method default if unset)")
+    g.add_argument("--sink_size", type=int, default=None, help="StreamingLLM sink tokens (method default if unset)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--eval_batch_size", type=int, default=1, help="prompts per generate call (left padded)")
+    g.add_argument("--chat_template", default="auto", choices=CHAT_TEMPLATE_MODES,
+                   help="auto: wrap prompts with the tokenizer's chat template when it has one")
+
+
+def check_method(name: str) -> None:
+    """Fail early (before loading a model) on an unknown method name."""
+    try:
+        import pyramidkv
+        known = pyramidkv.list_methods()
+    except (ImportError, AttributeError):
+        known = ["FullKV"]  # core library not importable: only uncompressed runs are possible
+    if name.lower() not in {m.lower() for m in known}:
+        raise CLIError(f"unknown method {name!r}; choose one of: {', '.join(known)}")
+
+
+def method_config(args) -> dict:
+    """Keyword arguments for pyramidkv.compress built from the common flags."""
+    config = {
+        "max_capacity_prompt": args.max_capacity_prompts,
+        "window_size": args.window_size,
+        "kernel_size": args.kernel_size,
+        "pooling": args.pooling,
+    }
+    for optional in ("beta", "sink_size"):
+        value = getattr(args, optional, None)
+        if value is not None:
+            config[optional] = value
+    return config
+
+
+def model_name(args) -> str:
+    """Basename of --model_path, used in result directory names."""
+    return os.path.basename(os.path.normpath(args.model_path))
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but torch sees no CUDA device; use --device cpu or auto")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _looks_like_local_path(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else (absolute, ./, ~, deeper) must be a directory.
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
+def load_model_and_tokenizer(args):
+    """Load the causal LM and its tokenizer, ready for left-padded greedy batches."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = args.model_path
+    if not os.path.isdir(path) and _looks_like_local_path(path):
+        if os.path.abspath(path) == DEFAULT_MODEL_PATH:
+            raise CLIError(f"the embedded checkpoint is missing at {DEFAULT_MODEL_PATH}; train it with "
+                           "scripts/train_tiny_model.py or pass --model_path <checkpoint dir or hub id>")
+        raise CLIError(f"model path {path!r} is not a directory; pass a checkpoint dir or a hub id")
+    if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise CLIError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                       "(pip install -e .[flash]); choose eager or sdpa instead")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=args.attn_implementation)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"cannot load model {path!r} (not a local checkpoint dir and the hub failed): "
+                       f"{first_line}") from err
+    model.to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise CLIError(f"tokenizer of {path!r} has no pad, eos or unk token to pad batches with")
+    return model, tokenizer
+
+
+def set_seed(seed: int) -> None:
+    import random
+    import torch
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_chat_template(tokenizer, prompt: str, mode: str = "auto") -> str:
+    """Wrap one user prompt in the tokenizer's chat template (mode 'auto' and a template exists)."""
+    if mode == "none" or not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def uses_chat_template(tokenizer, mode: str) -> bool:
+    return mode != "none" and bool(getattr(tokenizer, "chat_template", None))
+
+
+# ----------------------------------------------------------------------------- result files
+
+def load_done_ids(path: str, key: str = "_id") -> set:
+    """Ids already written to a jsonl prediction file (empty set when it does not exist).
+
+    A crash mid-write can leave a final line without its newline; that partial line is dropped from
+    the file (its sample is then recomputed) so the next append starts on a clean line.
+    """
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        logger.warning("dropping truncated last line of %s (interrupted write); it will be recomputed", path)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # eval.py reports malformed lines with their line number
+        if isinstance(record, dict) and key in record:
+            done.add(record[key])
+    return done
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one record as a JSON line and push it to disk before returning."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # not installed as a distribution (e.g. source checkout without pip install)
+        return None
+
+
+def write_run_meta(directory: str, args, extra: dict) -> None:
+    """Record how predictions were made in {directory}/run_meta.json, keyed by method.
+
+    Several methods share one results directory, so each method keeps its own entry; a rerun of a
+    method moves the previous entry into its "previous_runs" list instead of overwriting it.
+    """
+    import fcntl
+    import torch
+    import transformers
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "run_meta.json")
+    device = resolve_device(getattr(args, "device", "auto"))
+    entry = {
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "args": {k: v for k, v in sorted(vars(args).items())},
+        "method": args.method,
+        "method_config": method_config(args),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "pyramidkv": _package_version("pyramidkv"),
+            "git_commit": _git_commit(),
+        },
+        "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
+        "protocol": extra,
+    }
+    with open(path + ".lock", "w") as lock:  # concurrent runs of different methods share this file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        previous = meta.get(args.method)
+        if previous is not None:
+            entry["previous_runs"] = previous.pop("previous_runs", []) + [previous]
+        meta[args.method] = entry
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False, default=str)
+        os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    head = os.path.join(REPO_ROOT, ".git", "HEAD")
+    try:
+        with open(head) as f:
+            ref = f.read().strip()
+        if ref.startswith("ref: "):
+            with open(os.path.join(REPO_ROOT, ".git", ref[5:])) as f:
+                return f.read().strip()
+        return ref
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _compression_context(model, method: str, config: dict):
+    if method.lower() == "fullkv":
+        # FullKV is "no compression": fine even before/without the core library.
+        try:
+            import pyramidkv
+            return pyramidkv.compress(model, method, **config)
+        except (ImportError, AttributeError):
+            return contextlib.nullcontext()
+    import pyramidkv
+    return pyramidkv.compress(model, method, **config)
+
+
+def _log_kept_counts(model, method: str, cache, prompt_len: int, new_len: int) -> None:
+    """Log once per (method, model) the tokens each layer's cache kept from the prompt."""
+    key = (method.lower(), id(model))
+    if key in _kept_counts_logged or cache is None:
+        return
+    _kept_counts_logged.add(key)
+    # The last generated token is never fed back, so the cache holds prompt_kept + new_len - 1.
+    decode_tokens = max(new_len - 1, 0)
+    counts = []
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if keys is None or not hasattr(keys, "shape"):
+            return
+        counts.append(int(keys.shape[-2]) - decode_tokens)
+    if counts:
+        logger.info("%s: prompt tokens kept per layer (first batch, %d prompt tokens incl. padding): %s",
+                    method, prompt_len, counts)
+        print(f"[pyramidkv] {method}: prompt tokens kept per layer (of {prompt_len}): {counts}",
+              file=sys.stderr, flush=True)
+
+
+def stop_token_ids(tokenizer, stop_strings: list[str]) -> list[int]:
+    """Token id that ends each stop string, as LongBench's pred.py does for samsum's newline
+    (``tokenizer.encode("\\n", add_special_tokens=False)[-1]``)."""
+    ids = []
+    for s in stop_strings:
+        encoded = tokenizer.encode(s, add_special_tokens=False)
+        if not encoded:
+            raise CLIError(f"stop string {s!r} encodes to no tokens with this tokenizer")
+        ids.append(encoded[-1])
+    return ids
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, method: str, config: dict,
+             stop_strings: list[str] | None = None) -> list[str]:
+    """Greedy, left-padded batch generation under one compression method; returns new text only.
+
+    Prompts that already start with the BOS token (chat templates insert it) are tokenized without
+    adding another one. stop_strings follow the official LongBench recipe: the token id ending each
+    string joins the EOS ids, and at least one new token is generated (min_new_tokens=1) so an
+    answer cannot stop before it starts. The stop token itself stays in the returned text.
+    """
+    import torch
+
+    bos = tokenizer.bos_token
+    add_special = not (bos and all(p.startswith(bos) for p in prompts))
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    inputs = inputs.to(model.device)
+    prompt_len = inputs["input_ids"].shape[1]
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                      temperature=None, top_p=None, top_k=None,
+                      pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+    if stop_strings:
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        gen_kwargs.update(eos_token_id=eos + stop_token_ids(tokenizer, stop_strings), min_new_tokens=1)
+    with torch.inference_mode(), _compression_context(model, method, config):
+        out = model.generate(**inputs, **gen_kwargs)
+    new_tokens = out.sequences[:, prompt_len:]
+    _log_kept_counts(model, method, getattr(out, "past_key_values", None), prompt_len, new_tokens.shape[1])
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a runner's main(argv); user errors become one 'error: ...' line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(argv)
+    except (CLIError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # bad method settings rejected by pyramidkv.compress
+        if "\n" in str(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
