@@ -1,0 +1,159 @@
+"""The compressed KV cache: one `transformers.Cache` subclass, one layer class.
+
+Each layer stores its kept K/V physically (budget tokens per KV head after prefill) and counts the TRUE
+number of tokens it has seen. transformers derives RoPE positions and mask sizes from the cache, so the
+layer reports `get_seq_length() = true length` and `get_mask_sizes(q) = (physical + q, true - physical)`
+— the contract of transformers' own sliding-window layer: kept slot j is mask column j + offset, and
+positions stay the true positions.
+
+Decoding appends into a preallocated buffer instead of `torch.cat` (which copies the whole cache every
+step); right after prefill the buffer holds exactly the kept tokens, so the bytes then are exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .methods import KVMethod, PrefillInputs, build_method
+
+logger = logging.getLogger("pyramidkv")
+
+
+class CompressedLayer(DynamicLayer):
+    """A layer that keeps what the method chose at prefill and grows by appending during decoding."""
+
+    is_croppable = False
+
+    def __init__(self, growth: int = 256):
+        super().__init__()
+        self.cumulative_length = 0  # true number of tokens seen
+        self.growth = growth
+        self.needs_compression = False  # set by the prefill update, cleared by `compress`
+        self.kept_after_prefill: int | None = None
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        first_update = self.cumulative_length == 0
+        self.cumulative_length += key_states.shape[-2]
+        if first_update:
+            # prefill: attention runs on the full K/V; the hook then calls `compress`
+            self.keys, self.values = key_states, value_states
+            self.needs_compression = True
+            return self.keys, self.values
+        self._append(key_states, value_states)
+        return self.keys, self.values
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        length, added = self.physical_length, key_states.shape[-2]
+        buffer = self._key_buffer
+        # the buffer is valid while self.keys is still its view (crop keeps it, reorder/select do not)
+        usable = (
+            buffer is not None
+            and self.keys.data_ptr() == buffer.data_ptr()
+            and self.keys.shape[0] == buffer.shape[0]
+            and length + added <= buffer.shape[-2]
+        )
+        if not usable:
+            capacity = length + added + max(self.growth, length // 4)
+            shape = (*self.keys.shape[:2], capacity, self.keys.shape[-1])
+            self._key_buffer = self.keys.new_empty(shape)
+            self._value_buffer = self.values.new_empty((*shape[:3], self.values.shape[-1]))
+            self._key_buffer[:, :, :length] = self.keys
+            self._value_buffer[:, :, :length] = self.values
+        self._key_buffer[:, :, length : length + added] = key_states
+        self._value_buffer[:, :, length : length + added] = value_states
+        self.keys = self._key_buffer[:, :, : length + added]
+        self.values = self._value_buffer[:, :, : length + added]
+
+    def store_compressed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys.contiguous(), values.contiguous()
+        self._key_buffer = self._value_buffer = None
+        self.needs_compression = False
+        self.kept_after_prefill = self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        physical = self.physical_length
+        return physical + query_length, self.cumulative_length - physical
+
+    def crop(self, tokens_to_remove: int) -> None:
+        before = self.physical_length
+        super().crop(tokens_to_remove)
+        self.cumulative_length -= before - self.physical_length
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buffer = self._value_buffer = None
+        self.needs_compression = False
+        self.kept_after_prefill = None
+
+    def nbytes(self) -> int:
+        """Bytes of the K/V this layer holds (its buffer's capacity while decoding)."""
+        held = 0
+        for logical, buffer in ((self.keys, self._key_buffer), (self.values, self._value_buffer)):
+            if logical is None:
+                continue
+            tensor = buffer if buffer is not None and logical.data_ptr() == buffer.data_ptr() else logical
+            held += tensor.numel() * tensor.element_size()
+        return held
+
+
+class CompressedCache(Cache):
+    """KV cache that compresses the prompt once, at prefill, with a method (see `pyramidkv.methods`).
+
+    Create it directly to reuse a compressed cache across `generate` calls:
+        cache = CompressedCache("snapkv", model.config, max_capacity_prompt=128)
+        model.generate(**inputs, past_key_values=cache)   # inside pyramidkv.compress(...) / after replace_*
+    """
+
+    def __init__(self, method: str | KVMethod, config, **method_config):
+        self.method = build_method(method, **method_config)
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+        self.padding_mask: torch.Tensor | None = None  # 2-D mask of the current forward
+        self._budgets: list[int] | None = None
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # One mask serves all layers; size it for the largest layer (per-layer budgets), and the
+        # attention hook right-slices it for smaller layers.
+        physical = max(layer.physical_length for layer in self.layers)
+        return physical + query_length, self.layers[layer_idx].get_seq_length() - physical
+
+    def compress_layer(self, layer_idx: int, query, keys, values, scaling: float) -> None:
+        layer = self.layers[layer_idx]
+        seq_len = keys.shape[-2]
+        if self._budgets is None or layer_idx == 0:
+            self._budgets = self.method.layer_budgets(seq_len, len(self.layers))
+        padding = None
+        if self.padding_mask is not None and not bool(self.padding_mask[:, -seq_len:].all()):
+            padding = self.padding_mask[:, -seq_len:].bool()
+        inputs = PrefillInputs(query, keys, values, padding, layer_idx, len(self.layers), scaling)
+        with torch.no_grad():
+            new_keys, new_values = self.method.compress(inputs, self._budgets[layer_idx])
+        layer.store_compressed(new_keys, new_values)
+        if layer_idx == len(self.layers) - 1:
+            log = logger.info if not getattr(self.method, "_logged", False) else logger.debug
+            log("%s kept tokens per layer (prompt %d): %s", self.method.name, seq_len, self.kept_tokens())
+            object.__setattr__(self.method, "_logged", True)
+
+    def kept_tokens(self) -> list[int | None]:
+        """Tokens each layer kept right after prefill (per KV head)."""
+        return [layer.kept_after_prefill for layer in self.layers]
+
+    def physical_lengths(self) -> list[int]:
+        return [layer.physical_length for layer in self.layers]
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

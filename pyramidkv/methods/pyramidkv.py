@@ -1,0 +1,51 @@
+"""PyramidKV — Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
+Funneling" (arXiv:2406.02069).
+
+SnapKV scoring with per-layer budgets that decrease arithmetically with depth: lower layers attend
+broadly, upper layers focus on few tokens. With C = max_capacity_prompt, w = window, L layers, s prompt
+tokens: min = (C-w)/beta, max = 2(C-w) - min (if max >= s-w: max = s-w, min = 2(C-w) - max); layer l
+keeps max - (max-min)*l/(L-1) prefix tokens plus the window. Falls back to uniform budgets when
+s < 2(C-w). Unlike KVCache-Factory's integer steps (which overshoot, e.g. 4016 vs 3840 tokens at C=128,
+w=8, L=32), our integer budgets sum to exactly L*(C-w) prefix tokens.
+"""
+
+import math
+from dataclasses import dataclass
+
+from .snapkv import SnapKV
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    name = "PyramidKV"
+    beta: float = 20.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
+            raise ValueError(f"beta={self.beta!r} is invalid: it must be a number >= 1")
+
+    def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
+        per_layer = self.max_capacity_prompt - self.window_size
+        if seq_len <= self.max_capacity_prompt:
+            return [seq_len] * num_layers
+        if num_layers == 1 or seq_len < 2 * per_layer:
+            return [self.max_capacity_prompt] * num_layers
+        cap = seq_len - self.window_size
+        low = per_layer / self.beta
+        high = 2 * per_layer - low
+        if high >= cap:
+            high = cap
+            low = 2 * per_layer - high
+        steps = [high - (high - low) * layer / (num_layers - 1) for layer in range(num_layers)]
+        prefix = [math.floor(s) for s in steps]
+        remainder = per_layer * num_layers - sum(prefix)
+        # the rounding remainder goes to the first layers, which keeps the budgets non-increasing;
+        # a layer already holding the whole prefix is skipped
+        layer = 0
+        while remainder > 0:
+            if prefix[layer] < cap:
+                prefix[layer] += 1
+                remainder -= 1
+            layer = (layer + 1) % num_layers
+        return [p + self.window_size for p in prefix]

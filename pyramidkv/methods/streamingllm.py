@@ -1,0 +1,36 @@
+"""StreamingLLM — Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024,
+arXiv:2309.17453).
+
+Keeps the first `sink_size` tokens (attention sinks) and the most recent ones. Positions stay the
+TRUE positions (the cache keeps each token's original RoPE rotation); the paper's variant that
+re-rotates keys to cache positions is not implemented.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import KVMethod, PrefillInputs
+
+
+@dataclass
+class StreamingLLM(KVMethod):
+    name = "StreamingLLM"
+    sink_size: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.sink_size, bool) or not isinstance(self.sink_size, int) or self.sink_size < 0:
+            raise ValueError(f"sink_size={self.sink_size!r} is invalid: it must be a non-negative integer")
+
+    def score(self, x: PrefillInputs, window: int):
+        batch, heads = x.keys.shape[:2]
+        prefix_len = x.seq_len - window
+        position = torch.arange(prefix_len, device=x.keys.device, dtype=torch.float32)
+        first_real = torch.zeros(batch, 1, device=x.keys.device)
+        if x.padding_mask is not None:
+            first_real = (x.seq_len - x.padding_mask.sum(-1, keepdim=True)).float()
+        is_sink = (position[None, :] >= first_real) & (position[None, :] < first_real + self.sink_size)
+        # recency, with sinks above every other token
+        scores = torch.where(is_sink, position + 2 * x.seq_len, position)
+        return scores[:, None, :].expand(batch, heads, prefix_len)
