@@ -120,7 +120,9 @@ def keep_top_prefix_and_window(
         short_rows = padding_mask.sum(-1) <= prefix_budget + window
         recency = torch.arange(prefix_len, device=device, dtype=prefix_scores.dtype).expand_as(prefix_scores)
         prefix_scores = torch.where(short_rows[:, None, None], recency, prefix_scores)
-    top = prefix_scores.topk(prefix_budget, dim=-1).indices.sort(dim=-1).values
+    # stable sort: equal scores (maxpool plateaus) resolve by position, the same with or without padding
+    order = prefix_scores.sort(dim=-1, descending=True, stable=True).indices
+    top = order[..., :prefix_budget].sort(dim=-1).values
     window_idx = torch.arange(prefix_len, seq_len, device=device).expand(batch, heads, window)
     return torch.cat([top, window_idx], dim=-1)
 
@@ -156,7 +158,7 @@ def pool_votes(votes: torch.Tensor, kernel_size: int, pooling: str) -> torch.Ten
     if pooling == "maxpool":
         pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
     else:
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad)  # zero padding counts, as in SnapKV
     return pooled[..., : shape[-1]].reshape(shape)
 
 

@@ -7,6 +7,9 @@ tokens: min = (C-w)/beta, max = 2(C-w) - min (if max >= s-w: max = s-w, min = 2(
 keeps max - (max-min)*l/(L-1) prefix tokens plus the window. Falls back to uniform budgets when
 s < 2(C-w). Unlike KVCache-Factory's integer steps (which overshoot, e.g. 4016 vs 3840 tokens at C=128,
 w=8, L=32), our integer budgets sum to exactly L*(C-w) prefix tokens.
+
+In a left-padded batch the schedule is computed from the padded length, so a row equals its own
+single-row run when both lengths give the same schedule (both above 2(C-w) and past the clamp).
 """
 
 import math

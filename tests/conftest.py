@@ -1,0 +1,61 @@
+"""Tiny random-weight models built from configs (no hub access)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import pyramidkv
+
+VOCAB = 97
+
+
+def tiny_config(family="llama", layers=3, heads=4, kv_heads=2, attn="sdpa", **overrides):
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig}[family]
+    config = config_class(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        **overrides,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_model(family="llama", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model_class = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[family]
+    model = model_class(tiny_config(family, **kwargs)).eval()
+    # random weights give flat logits; a larger output scale makes greedy choices well separated
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def prompt(length, batch=1, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def greedy(model, input_ids, new_tokens=6, **kwargs):
+    return model.generate(
+        input_ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _undo_patches():
+    yield
+    pyramidkv.restore()
