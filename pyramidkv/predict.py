@@ -238,7 +238,8 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
         "protocol": extra,
     }
-    with open(path + ".lock", "w") as lock:  # concurrent runs of different methods share this file
+    lock = os.open(directory, os.O_RDONLY)  # concurrent runs of different methods share this file
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = {}
         if os.path.exists(path):
@@ -252,6 +253,8 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, ensure_ascii=False, default=str)
         os.replace(tmp, path)
+    finally:
+        os.close(lock)  # closing releases the lock
 
 
 def _git_commit() -> str | None:
@@ -269,37 +272,31 @@ def _git_commit() -> str | None:
 
 # ----------------------------------------------------------------------------- generation
 
+_built_methods: dict = {}  # (method, config) -> built method, reused so its state/logs are per run
+
+
 def _compression_context(model, method: str, config: dict):
-    if method.lower() == "fullkv":
-        # FullKV is "no compression": fine even before/without the core library.
-        try:
-            import pyramidkv
-            return pyramidkv.compress(model, method, **config)
-        except (ImportError, AttributeError):
+    try:
+        import pyramidkv
+        compress = pyramidkv.compress
+    except (ImportError, AttributeError):
+        if method.lower() == "fullkv":  # "no compression" works without the core library
             return contextlib.nullcontext()
-    import pyramidkv
-    return pyramidkv.compress(model, method, **config)
+        raise
+    key = (method.lower(), tuple(sorted(config.items())))
+    if key not in _built_methods:
+        _built_methods[key] = pyramidkv.build_method(method, **config)
+    return compress(model, _built_methods[key])
 
 
-def _log_kept_counts(model, method: str, cache, prompt_len: int, new_len: int) -> None:
-    """Log once per (method, model) the tokens each layer's cache kept from the prompt."""
+def _log_kept_counts(model, method: str, cache, prompt_len: int) -> None:
+    """Log once per (method, model) the prompt tokens each layer's cache kept after prefill."""
     key = (method.lower(), id(model))
-    if key in _kept_counts_logged or cache is None:
+    if key in _kept_counts_logged or cache is None or not hasattr(cache, "kept_tokens"):
         return
     _kept_counts_logged.add(key)
-    # The last generated token is never fed back, so the cache holds prompt_kept + new_len - 1.
-    decode_tokens = max(new_len - 1, 0)
-    counts = []
-    for layer in getattr(cache, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if keys is None or not hasattr(keys, "shape"):
-            return
-        counts.append(int(keys.shape[-2]) - decode_tokens)
-    if counts:
-        logger.info("%s: prompt tokens kept per layer (first batch, %d prompt tokens incl. padding): %s",
-                    method, prompt_len, counts)
-        print(f"[pyramidkv] {method}: prompt tokens kept per layer (of {prompt_len}): {counts}",
-              file=sys.stderr, flush=True)
+    logger.info("%s: prompt tokens kept per layer (first batch, %d prompt tokens incl. padding): %s",
+                method, prompt_len, cache.kept_tokens())
 
 
 def stop_token_ids(tokenizer, stop_strings: list[str]) -> list[int]:
@@ -342,7 +339,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, method: 
     with torch.inference_mode(), _compression_context(model, method, config):
         out = model.generate(**inputs, **gen_kwargs)
     new_tokens = out.sequences[:, prompt_len:]
-    _log_kept_counts(model, method, getattr(out, "past_key_values", None), prompt_len, new_tokens.shape[1])
+    _log_kept_counts(model, method, getattr(out, "past_key_values", None), prompt_len)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 

@@ -1,0 +1,127 @@
+"""Predict LongBench (v1 / LongBench-E) answers with a KV-cache compression method.
+
+    python run_longbench.py --method PyramidKV --max_capacity_prompts 128 --model_path ckpt/...
+
+Writes {save_dir}/{model_name}_{max_capacity_prompts}/{dataset}/{method}.json (one JSON line per
+sample, appended and flushed; a rerun skips finished _ids) and run_meta.json beside the dataset
+directories. Score with: python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pyramidkv import longbench as lb
+from pyramidkv import predict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="LongBench predictions with the official protocol (prompts, middle truncation, "
+                    "greedy decoding, official max new tokens).")
+    predict.add_common_args(parser)
+    g = parser.add_argument_group("LongBench")
+    g.add_argument("--datasets", default=None,
+                   help="comma list of datasets; default: the 16 English sets (13 with --longbench_e); "
+                        "'all' = all 21 (13 for LongBench-E)")
+    g.add_argument("--longbench_e", action="store_true",
+                   help="LongBench-E: read {dataset}_e.jsonl, write {dataset}_e/ directories")
+    g.add_argument("--data_dir", default=None,
+                   help="directory with {dataset}.jsonl (default: data/LongBench; when absent, the "
+                        "bundled smoke sample data/longbench_smoke, which is NOT LongBench)")
+    g.add_argument("--from_hub", action="store_true",
+                   help=f"load the data from the hub ({lb.HUB_REPO}, needs the `datasets` package)")
+    g.add_argument("--max_num_examples", type=int, default=None, help="first N samples per dataset")
+    g.add_argument("--max_length", type=int, default=None,
+                   help="max prompt tokens before middle truncation (default: official value for "
+                        "known models, else max_position_embeddings - 500)")
+    return parser
+
+
+def load_samples(args, datasets: list[str], data_dir: str) -> dict[str, list[dict]]:
+    samples = {}
+    for dataset in datasets:
+        if args.from_hub:
+            rows = lb.load_hub_samples(dataset, args.longbench_e)
+        else:
+            rows = lb.load_jsonl_samples(lb.data_file(data_dir, dataset, args.longbench_e), dataset)
+        samples[dataset] = rows[: args.max_num_examples] if args.max_num_examples else rows
+    return samples
+
+
+def build_model_prompt(tokenizer, dataset: str, sample: dict, max_length: int, chat_mode: str):
+    """Official prompt -> middle truncation -> chat template (skipped for few-shot/code sets)."""
+    prompt, prompt_tokens = lb.truncate_middle(tokenizer, lb.build_prompt(dataset, sample), max_length)
+    if lb.wants_chat_template(dataset):
+        prompt = predict.apply_chat_template(tokenizer, prompt, chat_mode)
+    return prompt, prompt_tokens
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.eval_batch_size < 1:
+        raise predict.CLIError(f"--eval_batch_size {args.eval_batch_size} must be at least 1")
+    if args.max_num_examples is not None and args.max_num_examples < 1:
+        raise predict.CLIError(f"--max_num_examples {args.max_num_examples} must be at least 1")
+    predict.check_method(args.method)
+    datasets = lb.parse_datasets(args.datasets, args.longbench_e)
+    data_dir, data_source = (None, "hub") if args.from_hub else lb.resolve_data_dir(args.data_dir)
+    if data_source == "smoke":
+        print(f"note: {lb.DEFAULT_DATA_DIR} not found; using the bundled smoke sample {data_dir} "
+              "(self-written text in LongBench format, NOT LongBench: scores are not comparable "
+              "to published tables)", file=sys.stderr, flush=True)
+    samples = load_samples(args, datasets, data_dir)  # fail on missing/bad data before loading a model
+
+    predict.set_seed(args.seed)
+    model, tokenizer = predict.load_model_and_tokenizer(args)
+    max_length, max_length_source = lb.model_max_length(args.model_path, model.config, args.max_length)
+    config = predict.method_config(args)
+    out_dir = os.path.join(args.save_dir, f"{predict.model_name(args)}_{args.max_capacity_prompts}")
+    chat = predict.uses_chat_template(tokenizer, args.chat_template)
+    predict.write_run_meta(out_dir, args, {
+        "benchmark": "LongBench-E" if args.longbench_e else "LongBench",
+        "data_source": data_source, "data_dir": data_dir, "datasets": datasets,
+        "max_length": max_length, "max_length_source": max_length_source,
+        "chat_template_applied": chat, "dtype": str(model.dtype), "eval_batch_size": args.eval_batch_size,
+        "max_new_tokens": {d: lb.DATASET_TO_MAX_NEW_TOKENS[d] for d in datasets},
+        **lb.protocol_record(),
+    })
+    print(f"model max prompt length {max_length} ({max_length_source}); chat template: "
+          f"{'yes' if chat else 'no'}; results -> {out_dir}", file=sys.stderr, flush=True)
+
+    from tqdm import tqdm
+    for dataset in datasets:
+        run_dataset(args, model, tokenizer, dataset, samples[dataset], out_dir, max_length, config, tqdm)
+
+
+def run_dataset(args, model, tokenizer, dataset, samples, out_dir, max_length, config, tqdm) -> None:
+    dir_name = f"{dataset}_e" if args.longbench_e else dataset
+    out_path = os.path.join(out_dir, dir_name, f"{args.method}.json")
+    done = predict.load_done_ids(out_path)
+    pending, seen = [], set(done)
+    for sample in samples:
+        if sample["_id"] not in seen:  # also guards against repeated ids in the data file
+            seen.add(sample["_id"])
+            pending.append(sample)
+    max_new_tokens = lb.DATASET_TO_MAX_NEW_TOKENS[dataset]
+    stop = lb.STOP_STRINGS.get(dataset)
+    progress = tqdm(total=len(done) + len(pending), initial=len(done), desc=dir_name, unit="sample")
+    for start in range(0, len(pending), args.eval_batch_size):
+        batch = pending[start:start + args.eval_batch_size]
+        built = [build_model_prompt(tokenizer, dataset, s, max_length, args.chat_template) for s in batch]
+        preds = predict.generate(model, tokenizer, [p for p, _ in built], max_new_tokens,
+                                 args.method, config, stop_strings=stop)
+        for sample, pred, (_, prompt_tokens) in zip(batch, preds, built):
+            predict.append_jsonl(out_path, {
+                "pred": pred, "answers": sample["answers"], "all_classes": sample.get("all_classes"),
+                "length": sample["length"], "_id": sample["_id"], "dataset": dir_name,
+                "language": sample.get("language"), "prompt_tokens": prompt_tokens,
+                "truncated": prompt_tokens > max_length,
+            })
+        progress.update(len(batch))
+    progress.close()
+
+
+if __name__ == "__main__":
+    sys.exit(predict.run_cli(main))
