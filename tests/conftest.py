@@ -2,7 +2,19 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+MODELS = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
 
 import pyramidkv
 
@@ -10,7 +22,7 @@ VOCAB = 97
 
 
 def tiny_config(family="llama", layers=3, heads=4, kv_heads=2, attn="sdpa", **overrides):
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig}[family]
+    config_class = CONFIGS[family]
     config = config_class(
         hidden_size=64,
         intermediate_size=128,
@@ -30,7 +42,7 @@ def tiny_config(family="llama", layers=3, heads=4, kv_heads=2, attn="sdpa", **ov
 
 def tiny_model(family="llama", seed=0, **kwargs):
     torch.manual_seed(seed)
-    model_class = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[family]
+    model_class = MODELS[family]
     model = model_class(tiny_config(family, **kwargs)).eval()
     # random weights give flat logits; a larger output scale makes greedy choices well separated
     with torch.no_grad():

@@ -47,3 +47,15 @@ def test_model_loaded_after_replace_is_patched():
     model = tiny_model()
     out = greedy(model, prompt(100), new_tokens=2)
     assert out.past_key_values.kept_tokens() == [32, 32, 32]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_through_the_same_mechanism(family):
+    model = tiny_model(family)
+    input_ids = prompt(100)
+    reference = greedy(model, input_ids)
+    replace = {"qwen2": pyramidkv.replace_qwen2, "qwen3": pyramidkv.replace_qwen3}[family]
+    replace("fullkv")
+    torch.testing.assert_close(greedy(model, input_ids).logits[-1], reference.logits[-1], rtol=0, atol=1e-5)
+    replace("snapkv", max_capacity_prompt=32)
+    assert greedy(model, input_ids).past_key_values.kept_tokens() == [32, 32, 32]

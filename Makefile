@@ -1,0 +1,24 @@
+# The README's two commands use these targets.
+PYTHON ?= python3
+
+.PHONY: setup test test-fast demo longbench ruler bench
+setup:            ## install pinned dependencies and the package (editable)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -e .
+
+test:             ## the whole test suite (CPU, a few minutes)
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+test-fast:        ## the core invariants only
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_core_*.py
+
+demo: ruler       ## main job on the embedded checkpoint
+
+ruler:            ## RULER with PyramidKV on the embedded checkpoint, then the score table
+	sh scripts/scripts_ruler/eval.sh
+
+longbench:        ## LongBench protocol (smoke sample when data/LongBench is absent)
+	sh scripts/scripts_longBench/eval.sh 0 PyramidKV
+
+bench:            ## efficiency benchmark (TTFT, TPOT, memory, KV bytes)
+	$(PYTHON) scripts/benchmark.py
