@@ -1,0 +1,72 @@
+"""Build the tiny model's tokenizer: a byte-level BPE with single-digit tokens.
+
+Byte-level means every UTF-8 string is encodable (no unknown characters, no crash on odd text).
+Digits are always split one per token so that numbers in the haystack and in the answer tokenize
+identically (the copy the model must learn is token-for-token).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# Prompts are used raw (RULER "base" template). The chat template only concatenates the messages, so a
+# runner that applies it gets the same text as a base prompt (BOS is added by the tokenizer itself).
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def _wonderwords_lists() -> tuple[list[str], list[str]]:
+    import wonderwords
+    base = os.path.join(os.path.dirname(wonderwords.__file__), "assets")
+    read = lambda name: [w.strip() for w in open(os.path.join(base, name), encoding="utf-8") if w.strip()]
+    return read("adjectivelist.txt"), read("nounlist.txt")
+
+
+def training_corpus(seed: int = 0) -> list[str]:
+    """Text the BPE merges are learned from: everything the RULER generator emits."""
+    import json
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    adjs, nouns = _wonderwords_lists()
+    texts = [NOISE * 20]
+    texts += list(topics.values())  # essay haystack source (Python docs, public text shipped with Python)
+    texts += [" ".join(f"{rng.choice(adjs)}-{rng.choice(nouns)}" for _ in range(50)) for _ in range(100)]
+    texts += [" ".join(adjs), " ".join(nouns)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    tpl_path = os.path.join(here, "..", "..", "pyramidkv", "reference", "ruler", "task_templates.json")
+    if not os.path.exists(tpl_path):
+        tpl_path = "/work/shared/reference/ruler/task_templates.json"
+    if os.path.exists(tpl_path):
+        tasks = json.load(open(tpl_path))["tasks"]
+        for t in tasks.values():
+            texts += [t["template"] * 5, t["answer_prefix"] * 5]
+    texts += [" ".join("VAR " + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+                       for _ in range(200))]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
+    """Train the BPE and wrap it as a transformers fast tokenizer (BOS prepended, EOS appended never)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(training_corpus(seed), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   padding_side="left", model_max_length=1 << 20)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

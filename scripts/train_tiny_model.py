@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Train the project's embedded default model: a 2-layer Llama that answers RULER needle questions.
+
+Recipe (DESIGN §5, found by two probes on a 2-core CPU): untied input/output embeddings frozen at random
+init; answer-only loss; attention supervision toward the needle in both layers (scripts/tiny_model/
+packing.py); an accuracy-gated length curriculum. Training data come from the project's RULER generator
+(pyramidkv.ruler) with seeds >= 10_000; evaluation uses seed 42, indices 0..99 (validation during
+training: seed 7). Resumable: rerun the same command and it continues from run_dir/state.pt.
+
+Background: Olsson et al. 2022, "In-context Learning and Induction Heads" (the copy circuit supervised
+here); Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language Models?".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.tiny_model import supervision  # noqa: E402
+from scripts.tiny_model.evaluate import evaluate  # noqa: E402
+from scripts.tiny_model.packing import pack_sample  # noqa: E402
+from scripts.tiny_model.sampler import get_sampler  # noqa: E402
+from scripts.tiny_model.tokenizer import build_tokenizer  # noqa: E402
+
+TARGET_TASKS = ["niah_single_1", "niah_multikey_1", "niah_multikey_2"]
+TASK_MIX = {"niah_single_1": 0.15, "niah_multikey_1": 0.25, "niah_multikey_2": 0.35,
+            "niah_multiquery": 0.10, "niah_multivalue": 0.05, "niah_multikey_3": 0.10}
+# (min length, max length, learning rate): lengths as RULER counts them (prompt + 128 generated tokens)
+STAGES = [(256, 512, 2e-3), (384, 1024, 5e-4), (640, 1664, 5e-4), (1024, 2176, 3e-4)]
+TRAIN_SEED_BASE, VALID_SEED = 10_000, 7
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="ckpt/pyramidkv-tiny-llama", help="final save_pretrained directory")
+    ap.add_argument("--run_dir", default="/tmp/train_run", help="log, resumable state, latest export")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens_per_step", type=int, default=8192)
+    ap.add_argument("--max_steps", type=int, default=20000)
+    ap.add_argument("--max_minutes", type=float, default=100.0, help="stop (and export) after this wall time")
+    ap.add_argument("--gate", type=float, default=0.9, help="first-answer accuracy on all target tasks to advance")
+    ap.add_argument("--min_stage_steps", type=int, default=150)
+    ap.add_argument("--save_every", type=int, default=100)
+    ap.add_argument("--valid_every", type=int, default=300)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (faster per step on CPU)")
+    ap.add_argument("--init_only", action="store_true", help="save tokenizer + untrained model and exit")
+    return ap.parse_args(argv)
+
+
+def build_model(tok, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
+                      rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    # Frozen random embeddings: trained digit embeddings collapsed together in the probe; frozen they stay
+    # distinct, and copying forms (DESIGN §5).
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        model.lm_head.weight.normal_(0.0, 0.06)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model
+
+
+def export(model, tok, path: str, card_extra: dict | None = None):
+    os.makedirs(path, exist_ok=True)
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    model.save_pretrained(path)
+    model.set_attn_implementation(impl)
+    tok.save_pretrained(path)
+    if card_extra is not None:
+        json.dump(card_extra, open(os.path.join(path, "training_state.json"), "w"), indent=1)
+
+
+def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_step: int):
+    lo, hi, _ = stage
+    length = rng.randint(lo, hi)
+    n = max(1, tokens_per_step // length)
+    tasks = rng.choices(list(TASK_MIX), weights=list(TASK_MIX.values()), k=n)
+    packed = [pack_sample(sampler(t, tok, length, i, TRAIN_SEED_BASE + step), tok, rng)
+              for i, t in enumerate(tasks)]
+    L = max(len(p["ids"]) for p in packed)
+    ids = torch.full((n, L), tok.pad_token_id, dtype=torch.long)
+    for b, p in enumerate(packed):
+        ids[b, : len(p["ids"])] = torch.tensor(p["ids"])
+    return tasks, packed, ids
+
+
+def train_step(model, batch, scaling: float):
+    tasks, packed, ids = batch
+    hidden = model.model(input_ids=ids).last_hidden_state
+    rows = [(b, pos, tgt) for b, p in enumerate(packed) for pos, tgt in p["targets"]]
+    b_idx = torch.tensor([r[0] for r in rows])
+    p_idx = torch.tensor([r[1] for r in rows])
+    logits = model.lm_head(hidden[b_idx, p_idx]).float()
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([r[2] for r in rows]))
+    l0 = supervision.head_loss(0, 0, [(b, q, t) for b, p in enumerate(packed) for q, t in p["l0"]], scaling)
+    l1_rows = [(b, q, t) for b, p in enumerate(packed) for q, t in p["l1"]]
+    l1 = supervision.head_loss(1, 0, l1_rows, scaling) if l1_rows else torch.zeros(())
+    loss = ce + 1.0 * l0 + 0.3 * l1
+    # first-time accuracy: the eval-format question, all value tokens argmax-correct (teacher forced ==
+    # greedy exact match of the answer)
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        correct, k = [], 0
+        for p in packed:
+            ok = bool((pred[k: k + len(p["first"])] == torch.tensor([t for _, t in p["first"]])).all())
+            correct.append(ok)
+            k += len(p["targets"])
+    supervision.CAPTURED.clear()
+    return loss, {"ce": ce.item(), "l0": l0.item(), "l1": float(l1)}, correct
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    os.makedirs(args.run_dir, exist_ok=True)
+    tok = build_tokenizer(seed=args.seed)
+    model = build_model(tok, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.init_only:
+        export(model, tok, args.out)
+        print(f"saved untrained model ({n_params/1e6:.2f}M params) to {args.out}")
+        return
+    supervision.install(model)
+    sampler, source = get_sampler()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=STAGES[0][2], betas=(0.9, 0.95), weight_decay=0.01)
+    state_path = os.path.join(args.run_dir, "state.pt")
+    st = {"step": 0, "stage": 0, "stage_start": 0, "elapsed": 0.0, "acc": {}, "history": []}
+    if os.path.exists(state_path):
+        ck = torch.load(state_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        st = ck["st"]
+        print(f"resumed from {state_path} at step {st['step']} (stage {st['stage']})", flush=True)
+    fwd = torch.compile(model.model, dynamic=True) if args.compile else model.model
+    compiled = type("M", (), {"model": fwd, "lm_head": model.lm_head})  # same weights, compiled body
+    log = open(os.path.join(args.run_dir, "train_log.jsonl"), "a")
+    print(f"params {n_params/1e6:.2f}M (trainable {sum(p.numel() for p in trainable)/1e6:.2f}M); "
+          f"data source: {source}", flush=True)
+    scaling = model.config.head_dim ** -0.5
+    t_start = time.time() - st["elapsed"]
+    model.train()
+    while st["step"] < args.max_steps and (time.time() - t_start) / 60 < args.max_minutes:
+        if source == "fallback" and st["step"] % 50 == 0:
+            sampler, source = get_sampler()  # switch to the project's generator as soon as it lands
+            if source != "fallback":
+                print(f"step {st['step']}: switched data source to {source}", flush=True)
+        stage = STAGES[st["stage"]]
+        rng = random.Random(f"{args.seed}-{st['step']}")
+        batch = make_batch(tok, sampler, st["step"], stage, rng, args.tokens_per_step)
+        warm = min(1.0, (st["step"] - st["stage_start"] + 1) / 30)
+        for g in opt.param_groups:
+            g["lr"] = stage[2] * warm
+        loss, parts, correct = train_step(compiled, batch, scaling)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        st["step"] += 1
+        for t, ok in zip(batch[0], correct):  # running accuracy per task (EMA over ~50 samples)
+            st["acc"][t] = 0.98 * st["acc"].get(t, 0.0) + 0.02 * float(ok)
+        rec = {"step": st["step"], "stage": st["stage"], "len": batch[2].shape[1], "loss": round(loss.item(), 4),
+               **{k: round(v, 4) for k, v in parts.items()}, "min": round((time.time() - t_start) / 60, 2),
+               "acc": {k: round(v, 3) for k, v in st["acc"].items()}, "source": source}
+        log.write(json.dumps(rec) + "\n")
+        if st["step"] % 10 == 0:
+            log.flush()
+            print(json.dumps(rec), flush=True)
+        stage_steps = st["step"] - st["stage_start"]
+        gate_ok = all(st["acc"].get(t, 0.0) >= args.gate for t in TARGET_TASKS)
+        if gate_ok and stage_steps >= args.min_stage_steps and st["stage"] + 1 < len(STAGES):
+            st["stage"] += 1
+            st["stage_start"] = st["step"]
+            st["acc"] = {}
+            print(f"step {st['step']}: gate passed, stage -> {STAGES[st['stage']]}", flush=True)
+        if st["step"] % args.valid_every == 0:
+            model.eval()
+            hi = STAGES[st["stage"]][1]
+            val = {t: evaluate(model, tok, sampler, t, hi, n=16, seed=VALID_SEED) for t in TARGET_TASKS}
+            model.train()
+            st["history"].append({"step": st["step"], "len": hi, "valid": val})
+            print(f"step {st['step']}: validation at {hi} tokens (seed {VALID_SEED}, 16 each): {val}", flush=True)
+        if st["step"] % args.save_every == 0:
+            st["elapsed"] = time.time() - t_start
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "st": st}, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+            export(model, tok, os.path.join(args.run_dir, "hf_latest"), {**st, "source": source})
+    st["elapsed"] = time.time() - t_start
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "st": st}, state_path)
+    export(model, tok, args.out, None)
+    export(model, tok, os.path.join(args.run_dir, "hf_latest"), {**st, "source": source})
+    print(f"done: step {st['step']}, {st['elapsed']/60:.1f} min, saved to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
