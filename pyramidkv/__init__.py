@@ -14,7 +14,7 @@ or, for one model only:
 import logging
 
 from .cache import CompressedCache, CompressedLayer
-from .methods import METHODS, KVMethod, PrefillInputs, build_method, list_methods
+from .methods import METHODS, KVMethod, PrefillInputs, build_method, list_methods, register_method
 from .patch import compress, replace_llama, replace_mistral, replace_qwen2, replace_qwen3, restore
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "build_method",
     "compress",
     "list_methods",
+    "register_method",
     "replace_llama",
     "replace_mistral",
     "replace_qwen2",

@@ -15,8 +15,19 @@ from .streamingllm import StreamingLLM
 METHODS: dict[str, type[KVMethod]] = {
     cls.name: cls for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm)
 }
-_BY_LOWER = {name.lower(): cls for name, cls in METHODS.items()}
-_BY_LOWER.update({"knorm": L2Norm, "knormpress": L2Norm, "streaming": StreamingLLM, "h2o": H2O})
+ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
+
+
+def register_method(cls: type[KVMethod]) -> type[KVMethod]:
+    """Make a method available by name (usable as a class decorator)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _lookup(name: str) -> type[KVMethod] | None:
+    by_lower = {known.lower(): cls for known, cls in METHODS.items()}
+    key = name.lower()
+    return by_lower.get(key) or by_lower.get(ALIASES.get(key, "").lower())
 
 
 def list_methods() -> list[str]:
@@ -30,7 +41,7 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
         if config:
             return dataclasses.replace(method, **config)
         return method
-    cls = _BY_LOWER.get(str(method).lower())
+    cls = _lookup(str(method))
     if cls is None:
         raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -40,4 +51,4 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
     return cls(**config)
 
 
-__all__ = ["KVMethod", "PrefillInputs", "METHODS", "list_methods", "build_method"] + list(METHODS)
+__all__ = ["KVMethod", "PrefillInputs", "METHODS", "list_methods", "build_method", "register_method"] + list(METHODS)
