@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.tiny_model import supervision  # noqa: E402
 from scripts.tiny_model.evaluate import evaluate  # noqa: E402
 from scripts.tiny_model.packing import pack_sample  # noqa: E402
-from scripts.tiny_model.sampler import get_sampler  # noqa: E402
+from scripts.tiny_model.sampler import FAILURES, get_sampler  # noqa: E402
 from scripts.tiny_model.tokenizer import build_tokenizer  # noqa: E402
 
 TARGET_TASKS = ["niah_single_1", "niah_multikey_1", "niah_multikey_2"]
@@ -123,7 +123,7 @@ def train_step(model, batch, scaling: float):
             correct.append(ok)
             k += len(p["targets"])
     supervision.CAPTURED.clear()
-    return loss, {"ce": ce.item(), "l0": l0.item(), "l1": float(l1)}, correct
+    return loss, {"ce": ce.item(), "l0": l0.item(), "l1": float(l1.detach())}, correct
 
 
 def main(argv=None):
@@ -179,7 +179,8 @@ def main(argv=None):
             st["acc"][t] = 0.98 * st["acc"].get(t, 0.0) + 0.02 * float(ok)
         rec = {"step": st["step"], "stage": st["stage"], "len": batch[2].shape[1], "loss": round(loss.item(), 4),
                **{k: round(v, 4) for k, v in parts.items()}, "min": round((time.time() - t_start) / 60, 2),
-               "acc": {k: round(v, 3) for k, v in st["acc"].items()}, "source": source}
+               "acc": {k: round(v, 3) for k, v in st["acc"].items()}, "source": source,
+               "generator_failures": FAILURES["count"]}
         log.write(json.dumps(rec) + "\n")
         if st["step"] % 10 == 0:
             log.flush()

@@ -112,10 +112,24 @@ def fallback_sample(task: str, tokenizer, max_seq_length: int, index: int, seed:
     return {"input": text, "outputs": answers, "needles": out, "length": None, "source": "fallback"}
 
 
+FAILURES = {"count": 0}
+
+
 def get_sampler():
-    """generate_sample from pyramidkv.ruler if it imports, else the fallback; plus its name."""
+    """generate_sample from pyramidkv.ruler if it imports, else the fallback; plus its name.
+
+    The generator is guarded per sample: if a call raises (it was still being written while the model
+    trained), that one sample comes from the fallback and FAILURES["count"] goes up (it is logged).
+    """
     try:
         from pyramidkv.ruler import generate_sample
-        return generate_sample, "pyramidkv.ruler"
     except Exception:  # not landed yet (or broken): keep training on the template-exact fallback
         return fallback_sample, "fallback"
+
+    def guarded(task, tokenizer, max_seq_length, index, seed):
+        try:
+            return generate_sample(task, tokenizer, max_seq_length, index, seed)
+        except Exception:
+            FAILURES["count"] += 1
+            return fallback_sample(task, tokenizer, max_seq_length, index, seed)
+    return guarded, "pyramidkv.ruler"
