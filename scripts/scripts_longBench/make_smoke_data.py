@@ -5,7 +5,7 @@ people and rivers; small self-written Python files), so the data is the project'
 so that `scripts/scripts_longBench/eval.sh` runs end to end where the real LongBench cannot be
 downloaded; its scores say nothing about LongBench. Deterministic: rerunning rewrites identical files.
 
-    python scripts/scripts_longBench/make_smoke_data.py [--out data/longbench_smoke] [--per_dataset 3]
+    python scripts/scripts_longBench/make_smoke_data.py [--out data/longbench_smoke] [--per_dataset 2]
 """
 from __future__ import annotations
 
@@ -312,7 +312,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--out", default=os.path.join(root, "data", "longbench_smoke"))
-    parser.add_argument("--per_dataset", type=int, default=3)
+    parser.add_argument("--per_dataset", type=int, default=2)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for dataset, build in BUILDERS.items():
