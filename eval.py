@@ -109,7 +109,11 @@ def score_longbench(results_dir: str, longbench_e: bool = False) -> dict:
             english = [scores[d] for d in lb.ENGLISH_DATASETS if d in scores]
             scores[EN_AVERAGE] = _mean(english)
             scores[ALL_AVERAGE] = _mean([v for k, v in scores.items() if k in metrics.DATASET_TO_METRIC])
-    return results
+    return by_method_name(results)
+
+
+def by_method_name(results: dict) -> dict:
+    return {m: results[m] for m in sorted(results, key=lambda m: (m.lower(), m))}
 
 
 def longbench_table(results: dict, longbench_e: bool) -> tuple[list[str], list[list]]:
@@ -158,7 +162,7 @@ def score_ruler(results_dir: str) -> dict:
     for per_length in results.values():
         for scores in per_length.values():
             scores[ALL_AVERAGE] = _mean(list(scores.values()))
-    return results
+    return by_method_name(results)
 
 
 def ruler_table(results: dict) -> tuple[list[str], list[list]]:

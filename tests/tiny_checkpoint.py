@@ -33,6 +33,8 @@ def build_tiny_checkpoint(directory: str, chat_template: str | None = None, seed
                          intermediate_size=128, vocab_size=len(fast), max_position_embeddings=4096,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random weights give flat logits; scale them so greedy picks are well separated
+        model.lm_head.weight.mul_(8.0)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     fast.save_pretrained(directory)

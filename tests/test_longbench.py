@@ -1,0 +1,175 @@
+"""LongBench protocol pieces and the run_longbench.py -> eval.py pipeline on a tiny model."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyramidkv import longbench as lb
+from pyramidkv import predict
+from tiny_checkpoint import build_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as lb_eval  # noqa: E402
+import run_longbench  # noqa: E402
+
+CHAT = "{% for m in messages %}<|user|>{{ m['content'] }}<|assistant|>{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-chat"), chat_template=CHAT)
+
+
+def test_reference_files_are_official():
+    assert len(lb.DATASET_TO_PROMPT) == 21 and set(lb.DATASET_TO_PROMPT) == set(lb.ALL_DATASETS)
+    assert "asconcisely" in lb.DATASET_TO_PROMPT["narrativeqa"]  # upstream typo kept byte-exact
+    assert lb.DATASET_TO_MAX_NEW_TOKENS["gov_report"] == 512 and lb.DATASET_TO_MAX_NEW_TOKENS["hotpotqa"] == 32
+    assert os.path.exists(os.path.join(lb.REFERENCE_DIR, "README.md"))  # MIT attribution
+
+
+def test_parse_datasets():
+    assert lb.parse_datasets(None) == list(lb.ENGLISH_DATASETS) and len(lb.ENGLISH_DATASETS) == 16
+    assert len(lb.parse_datasets("all")) == 21 and len(lb.parse_datasets(None, longbench_e=True)) == 13
+    assert lb.parse_datasets("qasper, trec") == ["qasper", "trec"]
+    with pytest.raises(predict.CLIError, match=r"unknown LongBench dataset 'qaspr'; valid choices: all, "):
+        lb.parse_datasets("qasper,qaspr")
+    with pytest.raises(predict.CLIError, match="unknown LongBench-E dataset 'narrativeqa'"):
+        lb.parse_datasets("narrativeqa", longbench_e=True)
+
+
+def test_build_prompt_keeps_braces_in_values():
+    sample = {"context": "def f(): return {'a': 1}", "input": "x = {}"}
+    prompt = lb.build_prompt("repobench-p", sample)
+    assert prompt == "Please complete the code given below. \ndef f(): return {'a': 1}x = {}Next line of code:\n"
+
+
+def test_truncate_middle(checkpoint):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    words = " ".join(f"w{i}" for i in range(300))
+    ids = tokenizer(words)["input_ids"]  # BOS included, as upstream counts it
+    assert ids[0] == tokenizer.bos_token_id
+    short, n = lb.truncate_middle(tokenizer, words, len(ids))
+    assert short == words and n == len(ids)
+    cut, n = lb.truncate_middle(tokenizer, words, 40)
+    assert n == len(ids)
+    head = tokenizer.decode(ids[:20], skip_special_tokens=True)
+    tail = tokenizer.decode(ids[-20:], skip_special_tokens=True)
+    assert cut == head + tail and cut.startswith("w0 w1") and cut.endswith("w298 w299")
+    assert abs(len(tokenizer(cut)["input_ids"]) - 40) <= 2  # re-tokenized at the seam
+
+
+def test_model_max_length():
+    from transformers import LlamaConfig
+    assert lb.model_max_length("x/llama2-7B-chat-4k", LlamaConfig())[0] == 3500  # official table
+    assert lb.model_max_length("m", LlamaConfig(max_position_embeddings=8192)) == (
+        7692, "max_position_embeddings 8192 (capped) - 500")
+    assert lb.model_max_length("m", LlamaConfig(max_position_embeddings=1000 * 1000))[0] == 131072 - 500
+    assert lb.model_max_length("m", LlamaConfig(max_position_embeddings=512))[0] == 256
+    assert lb.model_max_length("m", LlamaConfig(), override=1234) == (1234, "--max_length")
+
+
+def test_data_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(predict.CLIError, match=r"qasper.jsonl not found: download data.zip"):
+        lb.load_jsonl_samples(str(tmp_path / "qasper.jsonl"), "qasper")
+    bad = tmp_path / "trec.jsonl"
+    good = {"input": "q", "context": "c", "answers": ["a"], "length": 3, "_id": "1"}
+    bad.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(predict.CLIError, match=r"trec.jsonl:2: malformed JSON line"):
+        lb.load_jsonl_samples(str(bad), "trec")
+    bad.write_text(json.dumps({"input": "q", "context": "c"}) + "\n")
+    with pytest.raises(predict.CLIError, match=r"trec.jsonl:1: missing field\(s\) answers, length, _id"):
+        lb.load_jsonl_samples(str(bad), "trec")
+
+
+def test_chat_template_after_truncation_except_fewshot_and_code(chat_checkpoint):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(chat_checkpoint)
+    sample = {"context": " ".join(["fox"] * 200), "input": "who?"}
+    qa, _ = run_longbench.build_model_prompt(tokenizer, "hotpotqa", sample, 30, "auto")
+    assert qa.startswith("<|user|>Answer the question") and qa.endswith("<|assistant|>")
+    assert len(qa) < 400  # truncated before the template was added: the template tags survive
+    for dataset in ("trec", "triviaqa", "samsum", "lcc", "repobench-p"):
+        raw, _ = run_longbench.build_model_prompt(tokenizer, dataset, sample, 30, "auto")
+        assert "<|user|>" not in raw
+    plain, _ = run_longbench.build_model_prompt(tokenizer, "hotpotqa", sample, 30, "none")
+    assert "<|user|>" not in plain
+
+
+def read_ids(path):
+    return [json.loads(line)["_id"] for line in open(path, encoding="utf-8")]
+
+
+SMOKE_SUBSET = "hotpotqa,trec,samsum,passage_retrieval_en"
+
+
+def test_end_to_end_two_methods_on_the_smoke_sample(checkpoint, tmp_path, capsys):
+    save = str(tmp_path / "res")
+    for method in ("FullKV", "PyramidKV"):
+        argv = ["--method", method, "--model_path", checkpoint, "--save_dir", save, "--datasets", SMOKE_SUBSET,
+                "--data_dir", lb.SMOKE_DATA_DIR, "--max_capacity_prompts", "64", "--max_length", "600",
+                "--max_num_examples", "1"]
+        assert predict.run_cli(run_longbench.main, argv) == 0
+    results_dir = os.path.join(save, "tiny-llama_64")
+    expected_ids = {d: [json.loads(open(lb.data_file(lb.SMOKE_DATA_DIR, d)).readline())["_id"]]
+                    for d in SMOKE_SUBSET.split(",")}
+    for dataset, ids in expected_ids.items():
+        for method in ("FullKV", "PyramidKV"):
+            path = os.path.join(results_dir, dataset, f"{method}.json")
+            records = [json.loads(line) for line in open(path, encoding="utf-8")]
+            assert [r["_id"] for r in records] == ids
+            assert set(records[0]) >= {"pred", "answers", "all_classes", "length", "_id", "dataset", "language"}
+    meta = json.load(open(os.path.join(results_dir, "run_meta.json")))
+    assert meta["PyramidKV"]["protocol"]["max_length"] == 600
+    assert meta["PyramidKV"]["protocol"]["data_source"] == "user"
+    assert meta["FullKV"]["protocol"]["chat_template_skipped_for"][0] == "trec"
+
+    assert lb_eval.main(["--results_dir", results_dir]) == 0
+    table = capsys.readouterr().out
+    assert "FullKV" in table and "PyramidKV" in table and "passage_retrieval_en" in table
+    results = json.load(open(os.path.join(results_dir, "results.json")))
+    assert set(results) == {"FullKV", "PyramidKV"}
+    for scores in results.values():
+        assert set(scores) == set(SMOKE_SUBSET.split(",")) | {"average", "average_english"}
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    csv_lines = open(os.path.join(results_dir, "results.csv")).read().splitlines()
+    assert csv_lines[0].startswith("method,hotpotqa,") and len(csv_lines) == 3
+
+
+def test_killed_run_resumes_without_duplicates(checkpoint, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    smoke = [json.loads(line) for line in open(lb.data_file(lb.SMOKE_DATA_DIR, "hotpotqa"))]
+    rows = [dict(smoke[k % len(smoke)], _id=f"q{k}") for k in range(6)]
+    (data / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save = str(tmp_path / "res")
+    argv = ["--method", "SnapKV", "--model_path", checkpoint, "--save_dir", save, "--datasets", "hotpotqa",
+            "--data_dir", str(data), "--max_capacity_prompts", "32", "--max_length", "300"]
+    out = os.path.join(save, "tiny-llama_32", "hotpotqa", "SnapKV.json")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_longbench.py"), *argv], cwd=str(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(out) and os.path.getsize(out) > 0):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # killed while later samples are still to come
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    first = read_ids(out)
+    assert 1 <= len(first) < len(rows)
+    with open(out, "a") as f:
+        f.write('{"pred": "half a li')  # as if the kill had landed mid-write
+    assert predict.run_cli(run_longbench.main, argv) == 0
+    resumed = read_ids(out)
+    assert resumed == [r["_id"] for r in rows] and resumed[:len(first)] == first  # no duplicates, none lost
