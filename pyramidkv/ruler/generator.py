@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from . import niah, qa, synthetic
 from .fitting import assemble, chat_frame, count_tokens, fit_tolerance, fit_units
-from .spec import HAYSTACKS, check_task, task_family
+from .spec import check_task, haystack_choices, task_family
 from .spec import tokens_to_generate as default_tokens_to_generate
 
 _BUILDERS = {
@@ -43,7 +43,7 @@ def generate_sample(task: str, tokenizer, max_seq_length: int, index: int, seed:
     check_task(task)
     family = task_family(task)
     if haystack_override is not None:
-        allowed = HAYSTACKS if family == "niah" else ("noise", "essay") if family == "variable_tracking" else ()
+        allowed = haystack_choices(task)
         if haystack_override not in allowed:
             raise ValueError(f"haystack_override {haystack_override!r} not valid for {task}; "
                              f"choose from: {', '.join(allowed) or 'none (niah and vt only)'}")

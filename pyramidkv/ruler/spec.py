@@ -56,6 +56,12 @@ def task_family(task: str) -> str:
     return task_configs()[check_task(task)]["task"]
 
 
+def haystack_choices(task: str) -> tuple[str, ...]:
+    """Haystacks a task can be generated with (RULER: niah any, vt noise or essay, others none)."""
+    family = task_family(task)
+    return HAYSTACKS if family == "niah" else ("noise", "essay") if family == "variable_tracking" else ()
+
+
 def task_args(task: str) -> dict:
     return dict(task_configs()[check_task(task)]["args"])
 

@@ -1,0 +1,80 @@
+"""python -m pyramidkv.ruler: pre-generate RULER data with a model's tokenizer.
+
+Writes {data_dir}/{length}/{task}.jsonl (one sample per line: index, task, input, outputs, length,
+depth, answer_prefix, tokens_to_generate, needles) and {task}.meta.json (seed, tokenizer, chat
+template, time taken). run_ruler.py --data_dir reads these files instead of generating on the fly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .dataset import write_dataset
+from .spec import DEFAULT_TASKS, HAYSTACKS, TASKS, haystack_choices, parse_task_list
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"bad context length list {text!r}; expected comma-separated integers like 4096,8192") from None
+    bad = [x for x in lengths if x < 128]
+    if not lengths or bad:
+        raise ValueError(f"bad context length(s) {bad or text!r}; each must be an integer >= 128")
+    return lengths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pyramidkv.predict import DEFAULT_MODEL_PATH
+
+    parser = argparse.ArgumentParser(prog="python -m pyramidkv.ruler", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", default=DEFAULT_MODEL_PATH,
+                        help="tokenizer dir or hub id; lengths are counted in its tokens "
+                             "(default: the embedded ckpt/pyramidkv-tiny-llama)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help=f"comma list of {', '.join(TASKS)}; 'all' or 'default' "
+                             "(default: the 11 offline tasks)")
+    parser.add_argument("--context_lengths", default="4096", help="comma list of target lengths in tokens")
+    parser.add_argument("--num_samples", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--data_dir", default="data/ruler", help="output root (default: data/ruler)")
+    parser.add_argument("--chat_template", default="auto", choices=("auto", "none"),
+                        help="auto: wrap each sample in the tokenizer's chat template when it has one")
+    parser.add_argument("--haystack", default=None, choices=HAYSTACKS,
+                        help="override the haystack of niah/vt tasks (default: RULER's per task)")
+    parser.add_argument("--qa_dir", default=None,
+                        help="folder holding squad.json / hotpotqa.json for qa_1/qa_2 (default: data/)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tasks = parse_task_list(args.tasks)
+        lengths = parse_lengths(args.context_lengths)
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+        if not os.path.exists(args.tokenizer) and (os.path.isabs(args.tokenizer) or args.tokenizer.startswith(".")):
+            raise FileNotFoundError(f"tokenizer path {args.tokenizer} does not exist; pass --tokenizer <dir>")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        chat = args.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        name = os.path.basename(os.path.normpath(args.tokenizer))
+        for length in lengths:
+            for task in tasks:
+                override = args.haystack if args.haystack in haystack_choices(task) else None
+                path, seconds = write_dataset(args.data_dir, task, tokenizer, length, args.num_samples,
+                                              args.seed, chat, name, haystack_override=override,
+                                              qa_dir=args.qa_dir)
+                print(f"{path}: {args.num_samples} samples in {seconds:.1f}s", flush=True)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
