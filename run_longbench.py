@@ -64,9 +64,12 @@ def main(argv=None) -> None:
         raise predict.CLIError(f"--eval_batch_size {args.eval_batch_size} must be at least 1")
     if args.max_num_examples is not None and args.max_num_examples < 1:
         raise predict.CLIError(f"--max_num_examples {args.max_num_examples} must be at least 1")
-    predict.check_method(args.method)
+    predict.validate_method_args(args)
     datasets = lb.parse_datasets(args.datasets, args.longbench_e)
     data_dir, data_source = (None, "hub") if args.from_hub else lb.resolve_data_dir(args.data_dir)
+    if data_source == "smoke" and args.longbench_e:
+        raise predict.CLIError(f"LongBench-E needs {lb.DEFAULT_DATA_DIR}/{{dataset}}_e.jsonl files (the bundled "
+                               "smoke sample has none); unzip LongBench's data.zip there or pass --data_dir")
     if data_source == "smoke":
         print(f"note: {lb.DEFAULT_DATA_DIR} not found; using the bundled smoke sample {data_dir} "
               "(self-written text in LongBench format, NOT LongBench: scores are not comparable "

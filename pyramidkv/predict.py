@@ -69,6 +69,20 @@ def check_method(name: str) -> None:
         raise CLIError(f"unknown method {name!r}; choose one of: {', '.join(known)}")
 
 
+def validate_method_args(args) -> None:
+    """Check --method and its settings before any model is loaded (one-line errors)."""
+    check_method(args.method)
+    try:
+        import pyramidkv
+        build = pyramidkv.build_method
+    except (ImportError, AttributeError):
+        return  # FullKV without the core library: nothing to validate
+    try:
+        build(args.method, **method_config(args))
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+
+
 def method_config(args) -> dict:
     """Keyword arguments for pyramidkv.compress built from the common flags."""
     config = {

@@ -34,6 +34,11 @@ def test_unknown_method_is_one_line_error():
     with pytest.raises(predict.CLIError, match=r"unknown method 'nope'; choose one of: FullKV, SnapKV"):
         predict.check_method("nope")
     predict.check_method("pyramidkv")  # any case
+    with pytest.raises(predict.CLIError, match="window_size=200"):
+        predict.validate_method_args(parse(["--method", "SnapKV", "--window_size", "200"]))
+    with pytest.raises(predict.CLIError, match="unknown config"):
+        predict.validate_method_args(parse(["--method", "SnapKV", "--sink_size", "4"]))
+    predict.validate_method_args(parse(["--method", "StreamingLLM", "--sink_size", "4"]))
 
 
 def test_append_and_done_ids_survive_a_truncated_last_line(tmp_path):
