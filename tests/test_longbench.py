@@ -173,3 +173,21 @@ def test_killed_run_resumes_without_duplicates(checkpoint, tmp_path):
     assert predict.run_cli(run_longbench.main, argv) == 0
     resumed = read_ids(out)
     assert resumed == [r["_id"] for r in rows] and resumed[:len(first)] == first  # no duplicates, none lost
+
+
+def test_longbench_e_run_and_buckets(checkpoint, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    smoke = [json.loads(line) for line in open(lb.data_file(lb.SMOKE_DATA_DIR, "hotpotqa"))]
+    rows = [dict(smoke[0], _id="e0", length=1200), dict(smoke[1], _id="e1", length=9100)]
+    (data / "hotpotqa_e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save = str(tmp_path / "res")
+    argv = ["--method", "StreamingLLM", "--model_path", checkpoint, "--save_dir", save, "--longbench_e",
+            "--datasets", "hotpotqa", "--data_dir", str(data), "--max_capacity_prompts", "32", "--max_length", "300"]
+    assert predict.run_cli(run_longbench.main, argv) == 0
+    results_dir = os.path.join(save, "tiny-llama_32")
+    assert read_ids(os.path.join(results_dir, "hotpotqa_e", "StreamingLLM.json")) == ["e0", "e1"]
+    assert lb_eval.main(["--results_dir", results_dir, "--longbench_e"]) == 0
+    buckets = json.load(open(os.path.join(results_dir, "results_e.json")))["StreamingLLM"]["hotpotqa"]
+    assert set(buckets) == {"0-4k", "4-8k", "8k+"} and buckets["4-8k"] is None
+    assert buckets["0-4k"] is not None and buckets["8k+"] is not None
