@@ -223,6 +223,13 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _module_version(name: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(name), "__version__", None)
+    except ImportError:
+        return None
+
+
 def write_run_meta(directory: str, args, extra: dict) -> None:
     """Record how predictions were made in {directory}/run_meta.json, keyed by method.
 
@@ -246,7 +253,7 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "pyramidkv": _package_version("pyramidkv"),
+            "pyramidkv": _package_version("pyramidkv") or _module_version("pyramidkv"),
             "git_commit": _git_commit(),
         },
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
