@@ -1,0 +1,93 @@
+"""One RULER table from a methods x budgets sweep: methods as rows, budgets as columns.
+
+Reads {results_root}/{model_name}_{budget}/results.json written by eval.py (one per budget) and
+prints, per context length, the average over tasks for each method and budget. FullKV keeps every
+token, so it is run once and shown in every budget column (marked "*"). Also writes
+{results_root}/sweep_{model_name}.csv and .json.
+
+    python scripts/scripts_ruler/sweep_table.py --results_root results_ruler \
+        --model_name pyramidkv-tiny-llama --budgets 64,128,256
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+
+def load_sweep(results_root: str, model_name: str, budgets: list[int]) -> dict:
+    """{length: {method: {budget: average}}} from the per-budget results.json files."""
+    table: dict = {}
+    for budget in budgets:
+        path = os.path.join(results_root, f"{model_name}_{budget}", "results.json")
+        if not os.path.exists(path):
+            print(f"warning: {path} missing (no run for budget {budget}); its column stays empty",
+                  file=sys.stderr)
+            continue
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        for method, per_length in results.items():
+            for length, scores in per_length.items():
+                table.setdefault(int(length), {}).setdefault(method, {})[budget] = scores.get("average")
+    for per_method in table.values():  # FullKV does not depend on the budget
+        for method, cells in per_method.items():
+            if method.lower() == "fullkv" and cells:
+                value = next(iter(cells.values()))
+                per_method[method] = {b: cells.get(b, value) for b in budgets}
+    return table
+
+
+def format_sweep(table: dict, budgets: list[int], method_order: list[str]) -> str:
+    lines = []
+    for length in sorted(table):
+        per_method = table[length]
+        methods = [m for m in method_order if m in per_method] + sorted(set(per_method) - set(method_order))
+        header = [f"{length} tokens"] + [f"budget {b}" for b in budgets]
+        rows = [[m + ("*" if m.lower() == "fullkv" else "")]
+                + ["-" if per_method[m].get(b) is None else f"{per_method[m][b]:.2f}" for b in budgets]
+                for m in methods]
+        widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+        for row in [header] + rows:
+            lines.append("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                                   for c, (cell, w) in enumerate(zip(row, widths))))
+        lines.append("")
+    if any(m.lower() == "fullkv" for per in table.values() for m in per):
+        lines.append("* FullKV keeps the whole cache: one run, shown under every budget")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results_root", required=True, help="save dir holding {model_name}_{budget}/")
+    parser.add_argument("--model_name", required=True, help="basename of the model path")
+    parser.add_argument("--budgets", required=True, help="comma list of max_capacity_prompts")
+    parser.add_argument("--methods", default="", help="row order (comma list); others follow sorted")
+    args = parser.parse_args(argv)
+    try:
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        print(f"error: bad --budgets {args.budgets!r}; expected a comma list of integers", file=sys.stderr)
+        return 2
+    table = load_sweep(args.results_root, args.model_name, budgets)
+    if not table:
+        print(f"error: no results.json under {args.results_root}/{args.model_name}_<budget>/", file=sys.stderr)
+        return 2
+    order = [m for m in args.methods.replace(" ", ",").split(",") if m]
+    print(format_sweep(table, budgets, order))
+    stem = os.path.join(args.results_root, f"sweep_{args.model_name}")
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump({str(k): v for k, v in table.items()}, f, indent=2)
+    with open(stem + ".csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["length", "method"] + budgets)
+        for length in sorted(table):
+            for method, cells in table[length].items():
+                writer.writerow([length, method] + ["" if cells.get(b) is None else cells[b] for b in budgets])
+    print(f"wrote {stem}.json and .csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
