@@ -312,15 +312,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--out", default=os.path.join(root, "data", "longbench_smoke"))
-    parser.add_argument("--per_dataset", type=int, default=2)
+    parser.add_argument("--per_dataset", type=int, default=2,
+                        help="samples per dataset (summary sets with 512 new tokens always get 1)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(root, "pyramidkv", "reference", "longbench", "dataset2maxlen.json")) as f:
+        max_new_tokens = json.load(f)
     for dataset, build in BUILDERS.items():
         rng = random.Random(f"smoke/{dataset}")  # str seeds are stable across runs and platforms
+        # summaries generate up to 512 tokens each: one sample keeps a CPU run of all sets short
+        count = 1 if max_new_tokens[dataset] >= 512 else args.per_dataset
         with open(os.path.join(args.out, f"{dataset}.jsonl"), "w", encoding="utf-8") as f:
-            for i in range(args.per_dataset):
+            for i in range(count):
                 f.write(json.dumps(build(dataset, rng, i), ensure_ascii=False) + "\n")
-    print(f"wrote {len(BUILDERS)} files with {args.per_dataset} samples each to {args.out}")
+    print(f"wrote {len(BUILDERS)} files to {args.out} ({args.per_dataset} samples each, 1 for 512-token "
+          "summary sets)")
 
 
 if __name__ == "__main__":
