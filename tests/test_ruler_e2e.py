@@ -1,0 +1,106 @@
+"""RULER end to end: tiny model, 2 tasks, 2 methods -> prediction tree -> eval.py results.json."""
+import json
+import pytest
+
+import eval as eval_cli
+import run_ruler
+from pyramidkv import predict
+from pyramidkv.ruler import __main__ as ruler_cli
+from tiny_checkpoint import build_tiny_checkpoint
+
+TASKS = "niah_single_1,vt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny-llama"))
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _run(checkpoint, save_dir, method, *extra):
+    argv = ["--method", method, "--model_path", checkpoint, "--save_dir", str(save_dir),
+            "--context_lengths", "1024", "--tasks", TASKS, "--num_samples", "2",
+            "--max_capacity_prompts", "64", "--attn_implementation", "sdpa", *extra]
+    assert predict.run_cli(run_ruler.main, argv) == 0
+
+
+def test_two_methods_tree_and_scores(checkpoint, tmp_path):
+    for method in ("FullKV", "SnapKV"):
+        _run(checkpoint, tmp_path, method, "--eval_batch_size", "2")  # left-padded batch of both samples
+    results_dir = tmp_path / "tiny-llama_64"
+    for task in TASKS.split(","):
+        for method in ("FullKV", "SnapKV"):
+            records = _lines(results_dir / "1024" / task / f"{method}.json")
+            assert [r["index"] for r in records] == [0, 1]
+            assert all(set(r) == {"pred", "outputs", "length", "index", "depth"} for r in records)
+            assert all(0.95 * 1024 <= r["length"] <= 1024 for r in records)
+    # rerun: finished indices are skipped, nothing is appended
+    _run(checkpoint, tmp_path, "SnapKV")
+    assert len(_lines(results_dir / "1024" / "vt" / "SnapKV.json")) == 2
+    meta = json.loads((results_dir / "run_meta.json").read_text())
+    assert meta["SnapKV"]["protocol"]["benchmark"] == "RULER"
+    assert meta["SnapKV"]["protocol"]["data_sources"]["1024/vt"] == "generated on the fly"
+
+    assert eval_cli.main(["--results_dir", str(results_dir)]) == 0
+    results = json.loads((results_dir / "results.json").read_text())
+    assert set(results) == {"FullKV", "SnapKV"}
+    for per_length in results.values():
+        scores = per_length["1024"]
+        assert set(scores) == {"niah_single_1", "vt", "average"}
+        assert scores["average"] == pytest.approx((scores["niah_single_1"] + scores["vt"]) / 2, abs=0.01)
+
+
+def test_oracle_predictions_score_100(checkpoint, tmp_path, monkeypatch):
+    """A 'model' that reads the needle out of the prompt it is given scores 100 on niah and 0 on vt:
+    prompts, answers and indices stay aligned from generation to scoring."""
+    def oracle(model, tokenizer, prompts, max_new_tokens, method, config, stop_strings=None):
+        return [p.split("is: ")[-1].split(".")[0] if "special magic" in p else "no idea" for p in prompts]
+
+    monkeypatch.setattr(run_ruler.predict, "generate", oracle)
+    _run(checkpoint, tmp_path, "FullKV", "--eval_batch_size", "2")
+    results_dir = tmp_path / "tiny-llama_64"
+    assert eval_cli.main(["--results_dir", str(results_dir)]) == 0
+    scores = json.loads((results_dir / "results.json").read_text())["FullKV"]["1024"]
+    assert scores == {"niah_single_1": 100.0, "vt": 0.0, "average": 50.0}
+
+
+def test_pregenerated_data_is_used(checkpoint, tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    assert ruler_cli.main(["--tokenizer", checkpoint, "--tasks", "niah_single_1", "--context_lengths", "1024",
+                           "--num_samples", "2", "--data_dir", str(data_dir)]) == 0
+    path = data_dir / "1024" / "niah_single_1.jsonl"
+    samples = _lines(path)
+    assert [s["index"] for s in samples] == [0, 1]
+    assert json.loads((data_dir / "1024" / "niah_single_1.meta.json").read_text())["num_samples"] == 2
+    seen = []
+    monkeypatch.setattr(run_ruler.predict, "generate",
+                        lambda model, tok, prompts, *a, **k: seen.extend(prompts) or ["x"] * len(prompts))
+    argv = ["--model_path", checkpoint, "--save_dir", str(tmp_path / "out"), "--context_lengths", "1024",
+            "--tasks", "niah_single_1", "--num_samples", "2", "--data_dir", str(data_dir)]
+    assert predict.run_cli(run_ruler.main, argv) == 0
+    assert seen == [s["input"] for s in samples]
+    path.write_text(path.read_text().replace('"index": 1', '"index": 1,,'))
+    with pytest.raises(ValueError, match=r"niah_single_1.jsonl:2: malformed JSON line"):
+        run_ruler.sample_getter(run_ruler.build_parser().parse_args(argv), None, "niah_single_1", 1024, False)
+
+
+def test_bad_input_is_one_line_error(checkpoint, tmp_path, capsys):
+    base = ["--model_path", checkpoint, "--save_dir", str(tmp_path)]
+    assert predict.run_cli(run_ruler.main, base + ["--tasks", "niah_single_9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown RULER task 'niah_single_9'") and "\n" not in err
+    assert predict.run_cli(run_ruler.main, base + ["--tasks", "qa_1", "--qa_dir", str(tmp_path)]) == 2
+    assert "squad.json" in capsys.readouterr().err
+    assert predict.run_cli(run_ruler.main, base + ["--context_lengths", "4k"]) == 2
+    assert "bad context length list '4k'" in capsys.readouterr().err
+
+
+def test_cli_help(capsys):
+    for main in (run_ruler.main, ruler_cli.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0 and "--context_lengths" in capsys.readouterr().out
