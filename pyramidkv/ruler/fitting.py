@@ -41,8 +41,8 @@ def count_tokens(tokenizer, text: str) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _chat_frame(tokenizer) -> tuple[str, str]:
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}],
+def _chat_frame(tokenizer, template: str) -> tuple[str, str]:
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], chat_template=template,
                                              tokenize=False, add_generation_prompt=True)
     if rendered.count(_SENTINEL) != 1:
         raise ValueError("the tokenizer's chat template does not keep the user message verbatim")
@@ -54,12 +54,15 @@ def chat_frame(tokenizer, chat_template: bool) -> tuple[str, str]:
     """(text before, text after) the user message in the model's chat template; ('', '') if off."""
     if not chat_template:
         return "", ""
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise ValueError("chat_template=True but the tokenizer has no chat template; use chat_template=False")
+    if not isinstance(template, str):  # a dict of named templates: let transformers pick the default
+        template = None
     try:
-        return _chat_frame(tokenizer)
+        return _chat_frame(tokenizer, template)
     except TypeError:  # unhashable tokenizer object: render without the cache
-        return _chat_frame.__wrapped__(tokenizer)
+        return _chat_frame.__wrapped__(tokenizer, template)
 
 
 def assemble(built: Built, frame: tuple[str, str]) -> tuple[str, list[dict]]:
