@@ -54,6 +54,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--eval_batch_size", type=int, default=1, help="prompts per generate call (left padded)")
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on CPU)")
     g.add_argument("--chat_template", default="auto", choices=CHAT_TEMPLATE_MODES,
                    help="auto: wrap prompts with the tokenizer's chat template when it has one")
 
@@ -139,6 +141,12 @@ def load_model_and_tokenizer(args):
                        "(pip install -e .[flash]); choose eager or sdpa instead")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    threads = getattr(args, "num_threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise CLIError(f"--num_threads {threads} must be at least 1")
+        import torch
+        torch.set_num_threads(threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(

@@ -71,6 +71,8 @@ def test_write_run_meta_keeps_each_method_and_history(tmp_path):
 def test_missing_model_and_flash_attention_errors(tmp_path):
     with pytest.raises(predict.CLIError, match="is not a directory"):
         predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path / "nope")]))
+    with pytest.raises(predict.CLIError, match="--num_threads 0 must be at least 1"):
+        predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path), "--num_threads", "0"]))
     if not __import__("importlib").util.find_spec("flash_attn"):
         with pytest.raises(predict.CLIError, match="flash-attn"):
             predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path),

@@ -6,6 +6,8 @@
 #   $5 save root (default ./; results go       flash-attn is importable, else sdpa)
 #      to $5/results_long_bench)             $6 model_path (default: the embedded ckpt/pyramidkv-tiny-llama)
 # Extra run_longbench.py flags can be passed through the environment: EXTRA_ARGS="--datasets qasper".
+# NUM_THREADS (default 1) sets torch's CPU threads: one thread is fastest for the tiny embedded model;
+# raise it for a large model on CPU (it does not matter on GPU).
 # Without data/LongBench it runs on the bundled smoke sample data/longbench_smoke (NOT LongBench).
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -41,6 +43,7 @@ results_dir=$save_dir/$(basename "$model_path")_$max_capacity_prompts
     --max_capacity_prompts "$max_capacity_prompts" \
     --attn_implementation "$attn_implementation" \
     --save_dir "$save_dir" \
+    --num_threads "${NUM_THREADS:-1}" \
     $EXTRA_ARGS
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"
