@@ -131,15 +131,19 @@ def window_attention(x: PrefillInputs, window: int) -> torch.Tensor:
     """Softmax attention [B, Hq, window, S] (fp32) of the last `window` queries over all keys,
     causal inside the window and blind to pads."""
     seq_len = x.seq_len
-    query = x.query[:, :, -window:, :].float()
-    keys = repeat_kv(x.keys, x.num_kv_groups).float()
-    logits = torch.matmul(query, keys.transpose(2, 3)) * x.scaling
+    batch, kv_heads, _, head_dim = x.keys.shape
+    groups = x.num_kv_groups
+    # GQA without repeating the keys (a copy of all S keys per query head): query head h*groups + g
+    # reads KV head h, so each group's query heads become extra rows of one matmul per KV head
+    query = x.query[:, :, -window:, :].float().reshape(batch, kv_heads, groups * window, head_dim)
+    logits = torch.matmul(query, x.keys.float().transpose(2, 3)).view(batch, kv_heads * groups, window, seq_len)
+    logits.mul_(x.scaling)
     q_pos = torch.arange(seq_len - window, seq_len, device=logits.device)[:, None]
     k_pos = torch.arange(seq_len, device=logits.device)[None, :]
     visible = (k_pos <= q_pos)[None, None]
     if x.padding_mask is not None:
         visible = visible & x.padding_mask[:, None, None, :].bool()
-    logits = logits.masked_fill(~visible, float("-inf"))
+    logits.masked_fill_(~visible, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
