@@ -10,7 +10,7 @@ import pytest
 
 from pyramidkv import longbench as lb
 from pyramidkv import predict
-from tiny_checkpoint import build_tiny_checkpoint
+from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,6 +18,9 @@ import eval as lb_eval  # noqa: E402
 import run_longbench  # noqa: E402
 
 CHAT = "{% for m in messages %}<|user|>{{ m['content'] }}<|assistant|>{% endfor %}"
+
+
+_single_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +153,11 @@ def test_killed_run_resumes_without_duplicates(checkpoint, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     smoke = [json.loads(line) for line in open(lb.data_file(lb.SMOKE_DATA_DIR, "hotpotqa"))]
-    rows = [dict(smoke[k % len(smoke)], _id=f"q{k}") for k in range(6)]
+    rows = [dict(smoke[k % len(smoke)], _id=f"q{k}") for k in range(12)]
     (data / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     save = str(tmp_path / "res")
     argv = ["--method", "SnapKV", "--model_path", checkpoint, "--save_dir", save, "--datasets", "hotpotqa",
-            "--data_dir", str(data), "--max_capacity_prompts", "32", "--max_length", "300"]
+            "--data_dir", str(data), "--max_capacity_prompts", "32", "--max_length", "300", "--num_threads", "1"]
     out = os.path.join(save, "tiny-llama_32", "hotpotqa", "SnapKV.json")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_longbench.py"), *argv], cwd=str(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -6,7 +6,10 @@ import os
 import pytest
 
 from pyramidkv import predict
-from tiny_checkpoint import build_tiny_checkpoint
+from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread
+
+
+_single_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

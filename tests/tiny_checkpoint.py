@@ -39,3 +39,13 @@ def build_tiny_checkpoint(directory: str, chat_template: str | None = None, seed
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
+
+
+def one_torch_thread():
+    """Generator for an autouse fixture: tiny models decode far faster (up to 20x on a busy 2-core
+    machine) with one intra-op thread; the previous setting is restored afterwards."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
