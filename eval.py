@@ -210,7 +210,7 @@ def smoke_note(results_dir: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results_dir", required=True,
                         help="{save_dir}/{model_name}_{max_capacity_prompts} written by run_longbench.py "
