@@ -54,7 +54,7 @@ def generate_sample(task: str, tokenizer, max_seq_length: int, index: int, seed:
     budget = max_seq_length - to_generate
     frame = chat_frame(tokenizer, chat_template)
     rng_seed = sample_seed(task, seed, index)
-    context = {"tokenizer": tokenizer, "frame": frame, "max_seq_length": max_seq_length,
+    context = {"tokenizer": tokenizer, "frame": frame, "max_seq_length": max_seq_length, "budget": budget,
                "haystack": haystack_override, "qa_dir": qa_dir}
     build, n_min = _BUILDERS[family](task, rng_seed, index, context)
 

@@ -16,7 +16,7 @@ import string
 from random import Random
 
 from . import haystacks
-from .fitting import Built, count_tokens, fit_units, join_tracked
+from .fitting import Built, assemble, count_tokens, fit_units, join_tracked
 from .spec import task_args, task_template
 
 
@@ -131,10 +131,14 @@ def _numbered(words: list[str]) -> str:
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
 
 
-def make_cwe_builder(task: str, sample_seed: int, index: int, ctx: dict):
+def make_cwe_builder(task: str, sample_seed: int, index: int, ctx: dict, short: bool | None = None):
+    """RULER's full settings from 4096 tokens up, its short-context ones below (and also when the
+    smallest full-setting instance does not fit, as with digit-by-digit tokenizers at 4096)."""
     args = task_args(task)
     num_cw = args["num_cw"]
-    if ctx["max_seq_length"] < 4096:  # RULER's settings for short contexts
+    if short is None:
+        short = ctx["max_seq_length"] < 4096
+    if short:
         example_words, example_freq, main_freq = 20, (3, 1), (6, 1)
     else:
         example_words, example_freq, main_freq = 40, (10, 3), (args["freq_cw"], args["freq_ucw"])
@@ -164,6 +168,8 @@ def make_cwe_builder(task: str, sample_seed: int, index: int, ctx: dict):
         text = example + "\n" + pre + _numbered(items) + post
         return Built(text, spec["answer_prefix"], list(words[:num_cw]), [], None)
 
+    if not short and count_tokens(ctx["tokenizer"], assemble(build(num_cw), ctx["frame"])[0]) > ctx["budget"]:
+        return make_cwe_builder(task, sample_seed, index, ctx, short=True)
     return build, num_cw
 
 
