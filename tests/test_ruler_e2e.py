@@ -6,9 +6,11 @@ import eval as eval_cli
 import run_ruler
 from pyramidkv import predict
 from pyramidkv.ruler import __main__ as ruler_cli
-from tiny_checkpoint import build_tiny_checkpoint
+from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread
 
 TASKS = "niah_single_1,vt"
+
+_single_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@
 #   $4 attn_implementation (default flash_attention_2 if flash-attn is importable, else sdpa)
 #   $5 save root (default ./; results go to $5/results_ruler)
 #   $6 model_path (default: the embedded ckpt/pyramidkv-tiny-llama)
-# Environment overrides: CONTEXT_LENGTHS (comma list), NUM_SAMPLES, TASKS (comma list), EXTRA_ARGS.
+# Environment overrides: CONTEXT_LENGTHS (comma list), NUM_SAMPLES, TASKS (comma list), EXTRA_ARGS,
+# NUM_THREADS (torch CPU threads; default 1 for the tiny embedded model, where one thread decodes
+# fastest, torch's own default for a model passed as $6).
 # Defaults: with the embedded tiny checkpoint (trained on ~1k-token needle tasks) 1024 tokens and 10
 # samples per task, a few minutes on a CPU; with a model passed as $6 RULER's 4096 tokens and 100 samples.
 set -e
@@ -28,6 +30,7 @@ if [ -n "$6" ]; then
     model_path=$6
     context_lengths=${CONTEXT_LENGTHS:-4096}
     num_samples=${NUM_SAMPLES:-100}
+    num_threads=${NUM_THREADS:-}
 else
     model_path=$ROOT/ckpt/pyramidkv-tiny-llama
     if [ ! -f "$model_path/config.json" ]; then
@@ -36,12 +39,15 @@ else
     fi
     context_lengths=${CONTEXT_LENGTHS:-1024}
     num_samples=${NUM_SAMPLES:-10}
+    num_threads=${NUM_THREADS:-1}
 fi
+threads_flag=""
+[ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 tasks=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 save_dir=${source_path%/}/results_ruler
 results_dir=$save_dir/$(basename "$model_path")_$max_capacity_prompts
 
-# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags on purpose
+# shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_ruler.py" \
     --method "$method" \
     --model_path "$model_path" \
@@ -51,6 +57,6 @@ results_dir=$save_dir/$(basename "$model_path")_$max_capacity_prompts
     --context_lengths "$context_lengths" \
     --num_samples "$num_samples" \
     --tasks "$tasks" \
-    $EXTRA_ARGS
+    $threads_flag $EXTRA_ARGS
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"
