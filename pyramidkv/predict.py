@@ -7,7 +7,6 @@ the runner; this module only knows how to load, generate greedily and write resu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import importlib.util
 import json
@@ -50,6 +49,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pooling", default="maxpool", choices=POOLINGS)
     g.add_argument("--beta", type=float, default=None, help="PyramidKV budget ratio (method default if unset)")
     g.add_argument("--sink_size", type=int, default=None, help="StreamingLLM sink tokens (method default if unset)")
+    g.add_argument("--skip_layers", type=int, default=None,
+                   help="L2Norm: first layers left uncompressed (method default 2 if unset)")
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     g.add_argument("--seed", type=int, default=42)
@@ -62,25 +63,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def check_method(name: str) -> None:
     """Fail early (before loading a model) on an unknown method name."""
-    try:
-        import pyramidkv
-        known = pyramidkv.list_methods()
-    except (ImportError, AttributeError):
-        known = ["FullKV"]  # core library not importable: only uncompressed runs are possible
+    import pyramidkv
+    known = pyramidkv.list_methods()
     if name.lower() not in {m.lower() for m in known}:
         raise CLIError(f"unknown method {name!r}; choose one of: {', '.join(known)}")
 
 
 def validate_method_args(args) -> None:
     """Check --method and its settings before any model is loaded (one-line errors)."""
+    import pyramidkv
     check_method(args.method)
     try:
-        import pyramidkv
-        build = pyramidkv.build_method
-    except (ImportError, AttributeError):
-        return  # FullKV without the core library: nothing to validate
-    try:
-        build(args.method, **method_config(args))
+        pyramidkv.build_method(args.method, **method_config(args))
     except ValueError as err:
         raise CLIError(str(err)) from err
 
@@ -93,7 +87,7 @@ def method_config(args) -> dict:
         "kernel_size": args.kernel_size,
         "pooling": args.pooling,
     }
-    for optional in ("beta", "sink_size"):
+    for optional in ("beta", "sink_size", "skip_layers"):
         value = getattr(args, optional, None)
         if value is not None:
             config[optional] = value
@@ -305,17 +299,11 @@ _built_methods: dict = {}  # (method, config) -> built method, reused so its sta
 
 
 def _compression_context(model, method: str, config: dict):
-    try:
-        import pyramidkv
-        compress = pyramidkv.compress
-    except (ImportError, AttributeError):
-        if method.lower() == "fullkv":  # "no compression" works without the core library
-            return contextlib.nullcontext()
-        raise
+    import pyramidkv
     key = (method.lower(), tuple(sorted(config.items())))
     if key not in _built_methods:
         _built_methods[key] = pyramidkv.build_method(method, **config)
-    return compress(model, _built_methods[key])
+    return pyramidkv.compress(model, _built_methods[key])
 
 
 def _log_kept_counts(model, method: str, cache, prompt_len: int) -> None:
