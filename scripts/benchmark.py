@@ -1,4 +1,4 @@
-"""Efficiency benchmark: TTFT, TPOT, throughput, peak memory and KV bytes per method, context and budget.
+r"""Efficiency benchmark: TTFT, TPOT, throughput, peak memory and KV bytes per method, context and budget.
 
     python scripts/benchmark.py                       # tiny Llama (4 layers, hidden 256), CPU, sdpa, fp32
     python scripts/benchmark.py --context_lengths 1024 --methods FullKV,SnapKV --repeats 1 --warmup 0
@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pooling", default="maxpool", choices=("maxpool", "avgpool"))
     p.add_argument("--l2norm_skip_layers", type=int, default=None,
                    help="L2Norm's uncompressed first layers (method default 2)")
+    p.add_argument("--method_max_context", default="",
+                   help="e.g. H2O=4096: run a method only up to that context (H2O's O(S^2) scoring is slow)")
     p.add_argument("--target_budget", type=int, default=256, help="budget at which the targets are checked")
     p.add_argument("--no_reference", action="store_true",
                    help="skip the FullKV runs whose prompt is as long as each budget (target 2's reference)")
@@ -89,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.methods = list(dict.fromkeys(canonical_method(m) for m in args.methods.split(",") if m.strip()))
     except ValueError as error:
         p.error(str(error))
+    try:
+        limits = [item.split("=") for item in args.method_max_context.split(",") if item.strip()]
+        args.method_max_context = {canonical_method(name): int(limit) for name, limit in limits}
+    except ValueError as error:
+        p.error(f"--method_max_context {args.method_max_context!r}: {error} (expected METHOD=TOKENS,...)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch.cuda.is_available() is False")
     return args
@@ -109,6 +116,7 @@ def main(argv=None) -> int:
     model = build_model(args.model_path, args.preset, torch_dtype(args.dtype), args.device, args.attn_implementation)
     shape = kv_shape(model)
     configs = plan(args.methods, args.context_lengths, args.max_capacity_prompts, not args.no_reference)
+    configs = [c for c in configs if c[1] <= args.method_max_context.get(c[0], c[1])]
     info = machine_info(args.device)
     model_name = args.model_path or f"{args.preset} (random weights)"
     title = (f"{model_name}, {args.dtype}, {args.attn_implementation}, {args.device}, "
