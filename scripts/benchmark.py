@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated; pyramidkv methods plus {BASELINE} (transformers' cache, no "
                         f"pyramidkv). Default: {DEFAULT_METHODS}")
     p.add_argument("--context_lengths", type=int_list, default=[1024, 4096, 16384], help="default 1024,4096,16384")
-    p.add_argument("--max_capacity_prompts", type=int_list, default=[256],
-                   help="budgets (tokens per layer and KV head, window included); default 256")
+    p.add_argument("--max_capacity_prompts", type=int_list, default=[64, 256, 1024],
+                   help="budgets (tokens per layer and KV head, window included); default 64,256,1024")
     p.add_argument("--new_tokens", type=int, default=64, help="generated tokens per run (default 64)")
     p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     p.add_argument("--repeats", type=int, default=3, help="measured runs per configuration (default 3)")
@@ -70,8 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pooling", default="maxpool", choices=("maxpool", "avgpool"))
     p.add_argument("--l2norm_skip_layers", type=int, default=None,
                    help="L2Norm's uncompressed first layers (method default 2)")
-    p.add_argument("--method_max_context", default="",
-                   help="e.g. H2O=4096: run a method only up to that context (H2O's O(S^2) scoring is slow)")
+    p.add_argument("--method_max_context", default="H2O=4096",
+                   help="METHOD=TOKENS,...: run a method only up to that context; default H2O=4096 (H2O scores "
+                        "with the full S x S attention of every layer: tens of seconds per 16k prefill on 2 CPU "
+                        "cores); pass '' to run everything everywhere")
     p.add_argument("--target_budget", type=int, default=256, help="budget at which the targets are checked")
     p.add_argument("--no_reference", action="store_true",
                    help="skip the FullKV runs whose prompt is as long as each budget (target 2's reference)")
