@@ -133,21 +133,6 @@ def main(argv=None) -> int:
     print(f"# machine: {info.get('cpu', '?')} ({info['cpu_count']} CPUs), load average {info['loadavg_start']}")
     from tqdm import tqdm
 
-    records = []
-    started = time.perf_counter()
-    with tqdm(total=len(configs) * (args.warmup + args.repeats), unit="run", file=sys.stderr) as bar:
-        for method, context, budget in configs:
-            bar.set_description(f"{method} ctx={context} budget={budget or '-'}")
-            records.append(measure_config(model, method, context, budget, args, shape, progress=lambda: bar.update()))
-    elapsed = time.perf_counter() - started
-    info["loadavg_end"] = os.getloadavg()
-
-    print()
-    print(text_table(records))
-    checks = check_targets(records, args.target_budget)
-    if checks:
-        print()
-        print(targets_text(checks))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{args.device.split(':')[0]}_{args.preset if not args.model_path else 'model'}_{args.attn_implementation}"
@@ -165,20 +150,37 @@ def main(argv=None) -> int:
             "ttft": "prefill forward incl. compression + argmax, perf_counter (cuda: synchronized)",
             "tpot": "median of per-step decode forward times within a run; then median/min/max over runs",
             "throughput": "new_tokens / (TTFT + sum of decode steps)",
-            "peak_memory": records[0]["memory_kind"] if records else None,
+            "peak_memory": None,
             "selection": "sum over layers of CompressedCache.compress_layer during the timed prefill",
         },
-        "elapsed_s": elapsed,
-        "targets": checks,
-        "records": records,
-        "markdown_table": markdown_table(records),
+        "complete": False,
+        "elapsed_s": 0.0,
+        "records": [],
     }
+    records = payload["records"]
+    started = time.perf_counter()
+    with tqdm(total=len(configs) * (args.warmup + args.repeats), unit="run", file=sys.stderr) as bar:
+        for method, context, budget in configs:
+            bar.set_description(f"{method} ctx={context} budget={budget or '-'}")
+            records.append(measure_config(model, method, context, budget, args, shape, progress=lambda: bar.update()))
+            payload["elapsed_s"] = time.perf_counter() - started
+            write_json(payload, out_dir / f"{tag}.json")  # partial results survive an interrupted run
+    info["loadavg_end"] = os.getloadavg()
+
+    print()
+    print(text_table(records))
+    checks = check_targets(records, args.target_budget)
+    if checks:
+        print()
+        print(targets_text(checks))
+    payload["method_of_measurement"]["peak_memory"] = records[0]["memory_kind"] if records else None
+    payload.update(complete=True, targets=checks, markdown_table=markdown_table(records))
     write_json(payload, out_dir / f"{tag}.json")
     write_csv(records, out_dir / f"{tag}.csv")
     written = [out_dir / f"{tag}.json", out_dir / f"{tag}.csv"]
     if not args.no_plots:
         written += plot(records, out_dir / tag, title)
-    print(f"\n# {elapsed:.0f} s; wrote: " + ", ".join(str(p) for p in written))
+    print(f"\n# {payload['elapsed_s']:.0f} s; wrote: " + ", ".join(str(p) for p in written))
     return 0
 
 
