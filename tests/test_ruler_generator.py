@@ -116,6 +116,17 @@ def test_cwe_frequencies(tokenizer, length, freq):
     assert all(c == freq[1] for w, c in counts.items() if w not in sample["outputs"])
 
 
+def test_cwe_verbose_tokenizer_drops_the_example():
+    """A tokenizer that spells the numbering digit by digit cannot fit RULER's worked example at 1k;
+    the sample keeps the contract with the short settings and no example."""
+    verbose = make_tokenizer(vocab_size=300)
+    sample = generate_sample("cwe", verbose, 1024, index=0, seed=0)
+    assert sample["input"].count("Below is a numbered list") == 1
+    assert 0.95 * 1024 <= sample["length"] <= 1024
+    counts = collections.Counter(re.findall(r"\d+\. ([^\s]+)", sample["input"].split("\n")[1]))
+    assert all(counts[w] == 6 for w in sample["outputs"]) and len(counts) > 10
+
+
 def test_fwe_top_three(tokenizer):
     for sample in generate_samples("fwe", tokenizer, 4096, num_samples=2, seed=0):
         main = _main_part(sample)

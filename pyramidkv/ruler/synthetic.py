@@ -131,45 +131,52 @@ def _numbered(words: list[str]) -> str:
     return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
 
 
-def make_cwe_builder(task: str, sample_seed: int, index: int, ctx: dict, short: bool | None = None):
-    """RULER's full settings from 4096 tokens up, its short-context ones below (and also when the
-    smallest full-setting instance does not fit, as with digit-by-digit tokenizers at 4096)."""
+def _cwe_settings(args: dict, max_seq_length: int) -> list[tuple[int, tuple, tuple]]:
+    """(example words, example frequencies, main frequencies), preferred first: RULER's full settings
+    from 4096 tokens up, its short-context ones below; then, for tokenizers so verbose that even
+    those do not fit (digit-by-digit numbering at 1k), the short settings without the worked example."""
+    full = (40, (10, 3), (args["freq_cw"], args["freq_ucw"]))
+    short = (20, (3, 1), (6, 1))
+    no_example = (0, (0, 0), (6, 1))
+    return ([full] if max_seq_length >= 4096 else []) + [short, no_example]
+
+
+def make_cwe_builder(task: str, sample_seed: int, index: int, ctx: dict):
     args = task_args(task)
     num_cw = args["num_cw"]
-    if short is None:
-        short = ctx["max_seq_length"] < 4096
-    if short:
-        example_words, example_freq, main_freq = 20, (3, 1), (6, 1)
-    else:
-        example_words, example_freq, main_freq = 40, (10, 3), (args["freq_cw"], args["freq_ucw"])
     spec = task_template(task)
     pre, post = _split(spec["template"])
-    rng = Random(sample_seed)
-    pool = list(haystacks.common_words())
-    rng.shuffle(pool)
-    example_pool, main_pool = pool[:example_words], pool[example_words:]
-    extra_rng, taken = Random(sample_seed ^ 0xC0FFEE), set(pool)
+    settings = _cwe_settings(args, ctx["max_seq_length"])
+    for example_words, example_freq, main_freq in settings:
+        rng = Random(sample_seed)
+        pool = list(haystacks.common_words())
+        rng.shuffle(pool)
+        example_pool, main_pool = pool[:example_words], pool[example_words:]
+        extra_rng, taken = Random(sample_seed ^ 0xC0FFEE), set(pool)
 
-    def word_list(words, freq, shuffle_seed):
-        items = words[:num_cw] * freq[0] + words[num_cw:] * freq[1]
-        Random(shuffle_seed).shuffle(items)
-        return items
+        def word_list(words, freq, shuffle_seed):
+            items = words[:num_cw] * freq[0] + words[num_cw:] * freq[1]
+            Random(shuffle_seed).shuffle(items)
+            return items
 
-    example_items = word_list(example_pool, example_freq, sample_seed + 1)
-    example = (pre + _numbered(example_items) + post + spec["answer_prefix"] + " "
-               + _numbered(example_pool[:num_cw]))
+        example = ""
+        if example_words:
+            example = (pre + _numbered(word_list(example_pool, example_freq, sample_seed + 1)) + post
+                       + spec["answer_prefix"] + " " + _numbered(example_pool[:num_cw]) + "\n")
 
-    def build(n: int) -> Built:
-        # beyond the word list (128k contexts) fresh adjective-noun compounds extend the vocabulary
-        while len(main_pool) < n:
-            main_pool.extend(haystacks.unique_values("words", extra_rng, 1, taken))
-        words = main_pool[:n]
-        items = word_list(words, main_freq, sample_seed + 2 + n)
-        text = example + "\n" + pre + _numbered(items) + post
-        return Built(text, spec["answer_prefix"], list(words[:num_cw]), [], None)
+        def build(n: int, main_pool=main_pool, extra_rng=extra_rng, taken=taken, example=example,
+                  main_freq=main_freq) -> Built:
+            # beyond the word list (128k contexts) fresh adjective-noun compounds extend the vocabulary
+            while len(main_pool) < n:
+                main_pool.extend(haystacks.unique_values("words", extra_rng, 1, taken))
+            words = main_pool[:n]
+            items = word_list(words, main_freq, sample_seed + 2 + n)
+            text = example + pre + _numbered(items) + post
+            return Built(text, spec["answer_prefix"], list(words[:num_cw]), [], None)
 
-    if not short and count_tokens(ctx["tokenizer"], assemble(build(num_cw), ctx["frame"])[0]) > ctx["budget"]:
-        return make_cwe_builder(task, sample_seed, index, ctx, short=True)
+        smallest = count_tokens(ctx["tokenizer"], assemble(build(num_cw), ctx["frame"])[0])
+        if smallest <= ctx["budget"]:
+            break
     return build, num_cw
 
 
