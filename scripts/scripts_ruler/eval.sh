@@ -9,8 +9,9 @@
 # Environment overrides: CONTEXT_LENGTHS (comma list), NUM_SAMPLES, TASKS (comma list), EXTRA_ARGS,
 # NUM_THREADS (torch CPU threads; default 1 for the tiny embedded model, where one thread decodes
 # fastest, torch's own default for a model passed as $6).
-# Defaults: with the embedded tiny checkpoint (trained on ~1k-token needle tasks) 1024 tokens and 10
-# samples per task, a few minutes on a CPU; with a model passed as $6 RULER's 4096 tokens and 100 samples.
+# Defaults: with the embedded tiny checkpoint (trained on ~1k-token needle tasks) 1024 tokens and 20
+# samples per task (1-2 minutes on a 2-core CPU); with a model passed as $6 RULER's 4096 tokens and
+# 100 samples.
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -38,7 +39,7 @@ else
         exit 2
     fi
     context_lengths=${CONTEXT_LENGTHS:-1024}
-    num_samples=${NUM_SAMPLES:-10}
+    num_samples=${NUM_SAMPLES:-20}
     num_threads=${NUM_THREADS:-1}
 fi
 threads_flag=""
