@@ -1,5 +1,7 @@
 """RULER end to end: tiny model, 2 tasks, 2 methods -> prediction tree -> eval.py results.json."""
 import json
+import os
+import sys
 import pytest
 
 import eval as eval_cli
@@ -8,6 +10,7 @@ from pyramidkv import predict
 from pyramidkv.ruler import __main__ as ruler_cli
 from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = "niah_single_1,vt"
 
 _single_thread = pytest.fixture(autouse=True)(one_torch_thread)
@@ -106,3 +109,23 @@ def test_cli_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0 and "--context_lengths" in capsys.readouterr().out
+
+
+def test_sweep_table_methods_by_budgets(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "scripts_ruler"))
+    import sweep_table
+
+    runs = {64: {"FullKV": 90.0, "SnapKV": 40.0}, 128: {"SnapKV": 70.0, "StreamingLLM": 10.0}}
+    for budget, methods in runs.items():
+        directory = tmp_path / f"tiny_{budget}"
+        directory.mkdir()
+        results = {m: {"1024": {"niah_single_1": avg, "average": avg}} for m, avg in methods.items()}
+        (directory / "results.json").write_text(json.dumps(results))
+    assert sweep_table.main(["--results_root", str(tmp_path), "--model_name", "tiny", "--budgets", "64,128",
+                             "--methods", "FullKV,SnapKV,StreamingLLM"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["1024", "tokens", "budget", "64", "budget", "128"]
+    assert lines[1].split() == ["FullKV*", "90.00", "90.00"]  # budget-independent: one run, every column
+    assert lines[2].split() == ["SnapKV", "40.00", "70.00"]
+    assert lines[3].split() == ["StreamingLLM", "-", "10.00"]
+    assert (tmp_path / "sweep_tiny.csv").read_text().splitlines()[0] == "length,method,64,128"
