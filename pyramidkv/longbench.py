@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from .predict import REPO_ROOT, CLIError
+from .predict import REPO_ROOT, CLIError, read_jsonl_strict
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "longbench")
 SMOKE_DATA_DIR = os.path.join(REPO_ROOT, "data", "longbench_smoke")
@@ -80,21 +80,9 @@ def load_jsonl_samples(path: str, dataset: str) -> list[dict]:
             f"LongBench file {path} not found: download data.zip from the dataset repo "
             f"https://huggingface.co/datasets/{HUB_REPO} and unzip its data/*.jsonl into "
             f"{os.path.dirname(path) or '.'}/ (or pass --data_dir DIR, or --from_hub with `datasets`)")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CLIError(f"{path}:{line_no}: malformed JSON line ({err.msg})") from err
-            missing = [k for k in REQUIRED_FIELDS if not isinstance(sample, dict) or k not in sample]
-            if missing:
-                raise CLIError(f"{path}:{line_no}: missing field(s) {', '.join(missing)} "
-                               f"(a LongBench line needs {', '.join(REQUIRED_FIELDS)})")
-            sample.setdefault("dataset", dataset)
-            samples.append(sample)
+    samples = read_jsonl_strict(path, REQUIRED_FIELDS, "LongBench")
+    for sample in samples:
+        sample.setdefault("dataset", dataset)
     return samples
 
 

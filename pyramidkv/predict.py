@@ -28,7 +28,7 @@ logger = logging.getLogger("pyramidkv.predict")
 _kept_counts_logged: set = set()  # (method, model id) pairs already logged this process
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
 
 
@@ -206,6 +206,25 @@ def load_done_ids(path: str, key: str = "_id") -> set:
         if isinstance(record, dict) and key in record:
             done.add(record[key])
     return done
+
+
+def read_jsonl_strict(path: str, required: tuple, what: str) -> list[dict]:
+    """Records of an input jsonl file; a malformed line or a missing field is a one-line error (file:line)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CLIError(f"{path}:{line_no}: malformed JSON line ({err.msg})") from None
+            missing = [k for k in required if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise CLIError(f"{path}:{line_no}: missing field(s) {', '.join(missing)} "
+                               f"(a {what} line needs {', '.join(required)})")
+            records.append(record)
+    return records
 
 
 def append_jsonl(path: str, record: dict) -> None:

@@ -42,20 +42,9 @@ def write_dataset(data_dir: str, task: str, tokenizer, length: int, num_samples:
 
 def read_dataset(path: str) -> list[dict]:
     """Samples of one pre-generated file; a malformed line is reported as path:line."""
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-            missing = [k for k in REQUIRED_FIELDS if not isinstance(sample, dict) or k not in sample]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: sample lacks field(s) {', '.join(missing)}")
-            samples.append(sample)
-    return samples
+    from ..predict import read_jsonl_strict
+
+    return read_jsonl_strict(path, REQUIRED_FIELDS, "RULER sample")
 
 
 def read_meta(path: str) -> dict | None:
