@@ -109,7 +109,8 @@ def train_step(model, batch, scaling: float):
     p_idx = torch.tensor([r[1] for r in rows])
     logits = model.lm_head(hidden[b_idx, p_idx]).float()
     ce = torch.nn.functional.cross_entropy(logits, torch.tensor([r[2] for r in rows]))
-    l0 = supervision.head_loss(0, 0, [(b, q, t) for b, p in enumerate(packed) for q, t in p["l0"]], scaling)
+    l0 = (supervision.head_loss(0, 0, [(b, q, t) for b, p in enumerate(packed) for q, t, _ in p["l0"]], scaling)
+          + supervision.head_loss(0, 1, [(b, q, t) for b, p in enumerate(packed) for q, _, t in p["l0"]], scaling))
     l1_rows = [(b, q, t) for b, p in enumerate(packed) for q, t in p["l1"]]
     l1 = supervision.head_loss(1, 0, l1_rows, scaling) if l1_rows else torch.zeros(())
     loss = ce + 1.0 * l0 + 0.3 * l1

@@ -1,8 +1,11 @@
 """Turn a RULER niah sample into training tensors: ids, answer targets, attention-supervision targets.
 
 Supervision (DESIGN §5, probe 2): we know where every needle is, so two heads are told where to look:
-- layer 0, head 0: from each needle's value tokens, and from every answer position, to the key words
-  (the needle's own key; for answers, the query key's last mention, i.e. in the answer prefix);
+- layer 0, heads 0 and 1: from each needle's value tokens, and from every answer position, to the key's
+  first word (head 0: the adjective, or a uuid's first group) and last word (head 1: the noun, or the
+  last group) — the needle's own key; for answers, the query key's last mention (answer prefix).
+  Two heads on the two words, not one on the whole key: one head on the whole key settled on the "-"
+  shared by every key, which says nothing about which key it is (multi-key accuracy stalled at ~0.3);
 - layer 1, head 0: from the position that predicts answer token m to value token m of the queried needle.
 This spells out the induction-style circuit (key binding, then key-matched copy) the model must form.
 """
@@ -18,6 +21,14 @@ PREFIX = " The special magic {v} for {key} mentioned in the provided text are"
 
 def _tokens_in(offsets, c0: int, c1: int, base: int = 0) -> list[int]:
     return [base + i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+
+
+def _key_parts(offsets, c0: int, key: str, base: int = 0) -> tuple[list[int], list[int]]:
+    """Token positions of the key's first and last hyphen-separated parts (the whole key if no '-')."""
+    first_end = key.find("-") if "-" in key else len(key)
+    last_start = key.rfind("-") + 1
+    return (_tokens_in(offsets, c0, c0 + first_end, base),
+            _tokens_in(offsets, c0 + last_start, c0 + len(key), base))
 
 
 def _answer_block(tok, text_ids_len, values, key_pos_of_value, value_tok_of_value, prefix_ids=None):
@@ -38,8 +49,8 @@ def _answer_block(tok, text_ids_len, values, key_pos_of_value, value_tok_of_valu
             pred = first_pred + t  # position whose next token is answer token t
             if same:
                 l1.append((pred, [src[m]]))
-            if key_pos_of_value[j]:
-                l0.append((pred, key_pos_of_value[j]))
+            if key_pos_of_value[j] and key_pos_of_value[j][0] and key_pos_of_value[j][1]:
+                l0.append((pred, *key_pos_of_value[j]))
     for t in range(len(ids)):
         targets.append((first_pred + t, ids[t]))
     return ids, targets, l0, l1
@@ -53,8 +64,8 @@ def pack_sample(sample: dict, tok, rng: random.Random, max_questions: int = 8) -
     needles = []  # every needle-shaped sentence of the prompt, including needle-haystack distractors
     for m in NEEDLE_RE.finditer(text):
         needles.append({"kind": m.group(1), "key": m.group(2), "value": m.group(3),
-                        "key_tok": _tokens_in(offs, *m.span(2)), "val_tok": _tokens_in(offs, *m.span(3))})
-    l0 = [(p, n["key_tok"]) for n in needles for p in n["val_tok"]]
+                        "key_tok": _key_parts(offs, m.start(2), m.group(2)), "val_tok": _tokens_in(offs, *m.span(3))})
+    l0 = [(p, *n["key_tok"]) for n in needles for p in n["val_tok"] if all(n["key_tok"])]
     l1 = []
     by_value = {n["value"]: n for n in needles}
     values = list(sample["outputs"])
@@ -64,7 +75,7 @@ def pack_sample(sample: dict, tok, rng: random.Random, max_questions: int = 8) -
         if key is None:
             return []
         c0 = text.rfind(key)
-        return _tokens_in(offs, c0, c0 + len(key))
+        return _key_parts(offs, c0, key)
     key_pos = [last_mention(k) for k in qkeys]
     val_tok = [by_value[v]["val_tok"] if v in by_value else None for v in values]
     a_ids, targets, a0, a1 = _answer_block(tok, len(ids), values, key_pos, val_tok)
@@ -82,7 +93,7 @@ def pack_sample(sample: dict, tok, rng: random.Random, max_questions: int = 8) -
         q = QUESTION.format(v=n["kind"], key=n["key"]) + PREFIX.format(v=n["kind"], key=n["key"])
         qenc = tok(q, add_special_tokens=False, return_offsets_mapping=True)
         c0 = q.rfind(n["key"])
-        kpos = _tokens_in(qenc.offset_mapping, c0, c0 + len(n["key"]), base=len(ids))
+        kpos = _key_parts(qenc.offset_mapping, c0, n["key"], base=len(ids))
         ids += list(qenc.input_ids)
         b_ids, b_t, b0, b1 = _answer_block(tok, len(ids), [n["value"]], [kpos], [n["val_tok"]])
         ids += b_ids
