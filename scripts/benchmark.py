@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
-from common import PRESETS, build_model, kv_shape, machine_info  # noqa: E402
-from measure import BASELINE, canonical_method, measure_config, plan, torch_dtype  # noqa: E402
+from common import PRESETS, build_model, fix_malloc_threshold, kv_shape, machine_info  # noqa: E402
+from measure import BASELINE, canonical_method, measure_interleaved, plan, torch_dtype  # noqa: E402
 from report import check_targets, markdown_table, plot, targets_text, text_table, write_csv, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,7 @@ def git_commit() -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    malloc_fixed = not args.device.startswith("cuda") and fix_malloc_threshold()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))
     model = build_model(args.model_path, args.preset, torch_dtype(args.dtype), args.device, args.attn_implementation)
     shape = kv_shape(model)
@@ -129,7 +130,9 @@ def main(argv=None) -> int:
     print(f"# {len(configs)} configurations; each: {args.warmup} warm-up + {args.repeats} measured runs; "
           "medians [min-max] over runs; TPOT = median over a run's decode steps; peak memory = "
           + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
-             "process RSS high-water mark, reset before each run"))
+             "process RSS high-water mark, reset before each run"
+             + (" (glibc mmap threshold fixed at 128 KiB)" if malloc_fixed else "")))
+    print("# order: per context length, every configuration's warm-up, then the repeats in interleaved rounds")
     print(f"# machine: {info.get('cpu', '?')} ({info['cpu_count']} CPUs), load average {info['loadavg_start']}")
     from tqdm import tqdm
 
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
         "machine": info,
         "method_of_measurement": {
             "warmup_runs": args.warmup, "measured_runs": args.repeats,
+            "order": "per context length: every configuration's warm-up, then `repeats` interleaved rounds",
+            "glibc_mmap_threshold_fixed_128KiB": malloc_fixed,
             "ttft": "prefill forward incl. compression + argmax, perf_counter (cuda: synchronized)",
             "tpot": "median of per-step decode forward times within a run; then median/min/max over runs",
             "throughput": "new_tokens / (TTFT + sum of decode steps)",
@@ -159,12 +164,21 @@ def main(argv=None) -> int:
     }
     records = payload["records"]
     started = time.perf_counter()
+    groups: dict[int, list[tuple]] = {}  # same prompt length -> measured in interleaved rounds
+    for config in configs:
+        groups.setdefault(config[1], []).append(config)
+
     with tqdm(total=len(configs) * (args.warmup + args.repeats), unit="run", file=sys.stderr) as bar:
-        for method, context, budget in configs:
-            bar.set_description(f"{method} ctx={context} budget={budget or '-'}")
-            records.append(measure_config(model, method, context, budget, args, shape, progress=lambda: bar.update()))
+        def progress(runner):
+            bar.set_description(f"ctx={runner.context} {runner.method} budget={runner.budget or '-'}")
+            bar.update()
+
+        for group in groups.values():
+            records.extend(measure_interleaved(model, group, args, shape, progress))
             payload["elapsed_s"] = time.perf_counter() - started
             write_json(payload, out_dir / f"{tag}.json")  # partial results survive an interrupted run
+    order = {config: i for i, config in enumerate(configs)}
+    records.sort(key=lambda r: order[(r["method"], r["context"], r["budget"])])
     info["loadavg_end"] = os.getloadavg()
 
     print()

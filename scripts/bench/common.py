@@ -257,23 +257,41 @@ def timed_generation(model, input_ids, new_tokens: int, cache, prefill_scope, de
     }
 
 
+def measured_run(one_run, device: str) -> dict:
+    """One measured run inside its own PeakMemory."""
+    with PeakMemory(device) as peak:
+        result = one_run()
+    result.pop("cache", None)
+    result.update(peak_bytes=peak.bytes, base_bytes=peak.base_bytes, memory_kind=peak.kind)
+    return result
+
+
 def run_repeats(one_run, warmup: int, repeats: int, device: str, progress=None) -> list[dict]:
     """`warmup` discarded runs, then `repeats` measured runs, each inside its own PeakMemory."""
     for _ in range(warmup):
-        result = one_run()
-        del result
+        one_run().pop("cache", None)
         if progress:
             progress()
     runs = []
     for _ in range(repeats):
-        with PeakMemory(device) as peak:
-            result = one_run()
-        result.pop("cache", None)
-        result.update(peak_bytes=peak.bytes, base_bytes=peak.base_bytes, memory_kind=peak.kind)
-        runs.append(result)
+        runs.append(measured_run(one_run, device))
         if progress:
             progress()
     return runs
+
+
+def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
+    """Serve every allocation above `threshold` with its own mmap (glibc mallopt M_MMAP_THRESHOLD).
+
+    glibc starts at 128 KiB but raises the threshold each time a large mmapped block is freed (up to
+    32 MiB); blocks below it then come from the heap and stay in the RSS after `free`, so the RSS peak
+    of a run depends on which tensors were freed before (measured here: FullKV 650 MB below SnapKV 728
+    MB at 16k in one process, although SnapKV holds less). A fixed threshold makes the RSS follow the
+    live tensors. Returns False where mallopt is unavailable (non-glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def aggregate(runs: list[dict], new_tokens: int) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_model, kv_shape, machine_info  # noqa: E402
+from common import fix_malloc_threshold, build_model, kv_shape, machine_info  # noqa: E402
 from measure import measure_config  # noqa: E402
 from report import _mmm  # noqa: E402
 
@@ -48,6 +48,7 @@ def method_args(method: str, args) -> argparse.Namespace:
 
 def run(args) -> int:
     torch.set_num_threads(args.threads)
+    fix_malloc_threshold()  # same allocator setting as the benchmark (see common.py)
     from tqdm import tqdm
 
     model = build_model(args.model_path, "tiny", torch.float32, args.device, args.attn_implementation)

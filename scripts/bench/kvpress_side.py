@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import aggregate, build_model, machine_info, make_prompt, release_memory, run_repeats  # noqa: E402
+from common import aggregate, build_model, fix_malloc_threshold, machine_info, make_prompt, release_memory, run_repeats  # noqa: E402
 from common import synchronizer, timed, timed_generation  # noqa: E402
 
 
@@ -87,6 +87,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    fix_malloc_threshold()  # same allocator setting as the benchmark (see common.py)
     import kvpress
     from tqdm import tqdm
 

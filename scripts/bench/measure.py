@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyramidkv  # noqa: E402
-from common import aggregate, make_prompt, release_memory, run_repeats, synchronizer, timed  # noqa: E402
-from common import timed_generation  # noqa: E402
+from common import aggregate, make_prompt, measured_run, release_memory, run_repeats, synchronizer  # noqa: E402
+from common import timed, timed_generation  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 BASELINE = "DynamicCache"  # transformers' default cache, no pyramidkv involved
@@ -57,40 +57,74 @@ def expected_kv_bytes(method: str, settings: dict, context: int, shape: dict) ->
     return sum(min(b, context) for b in budgets) * per_token, uniform * shape["layers"] * per_token
 
 
-def measure_config(model, method: str, context: int, budget: int | None, args, shape: dict, progress=None) -> dict:
-    """Warm-up + repeats of one configuration; returns the aggregated record."""
-    device = args.device
-    sync = synchronizer(device)
-    input_ids = make_prompt(context, model.config.vocab_size, device, seed=args.seed)
-    settings = method_settings(method, budget or context, args) if method != BASELINE else {}
+class ConfigRunner:
+    """One configuration: `run()` = one untimed-for-the-record (warm-up) run, `measure()` = one measured
+    run with its peak memory, `record(runs)` = the aggregated record."""
 
-    def one_run():
-        select_s: list[float] = []
+    def __init__(self, model, method: str, context: int, budget: int | None, args, shape: dict):
+        self.model, self.method, self.context, self.budget, self.args, self.shape = (
+            model, method, context, budget, args, shape)
+        self.sync = synchronizer(args.device)
+        self.input_ids = make_prompt(context, model.config.vocab_size, args.device, seed=args.seed)
+        self.settings = method_settings(method, budget or context, args) if method != BASELINE else {}
+
+    def run(self) -> dict:
+        model, method, settings, select_s = self.model, self.method, self.settings, []
         if method == BASELINE:
             cache, scope = DynamicCache(), contextlib.nullcontext
         else:
             cache = pyramidkv.CompressedCache(method, model.config, **settings)
-            cache.compress_layer = timed(cache.compress_layer, select_s, sync)
+            cache.compress_layer = timed(cache.compress_layer, select_s, self.sync)
 
             def scope():
                 return pyramidkv.compress(model, method, **settings)
 
-        result = timed_generation(model, input_ids, args.new_tokens, cache, scope, scope,
-                                  explicit_positions=False, sync=sync)
+        result = timed_generation(model, self.input_ids, self.args.new_tokens, cache, scope, scope,
+                                  explicit_positions=False, sync=self.sync)
         result["select_s"] = select_s
         return result
 
-    release_memory(device)
-    runs = run_repeats(one_run, args.warmup, args.repeats, device, progress)
-    record = {"method": method, "context": context, "budget": budget, "settings": settings}
-    record.update(aggregate(runs, args.new_tokens))
-    exact, formula = expected_kv_bytes(method, settings or {"max_capacity_prompt": context}, context, shape)
-    record["kv_bytes_expected"] = exact
-    record["kv_bytes_formula"] = formula
-    record["kv_bytes_exact"] = record["kv_bytes_prefill"] == exact
-    tokens = {r["last_token"] for r in record["raw"]}
-    record["deterministic"] = len(tokens) == 1
-    return record
+    def warm(self) -> None:
+        self.run().pop("cache", None)
+
+    def measure(self) -> dict:
+        return measured_run(self.run, self.args.device)
+
+    def record(self, runs: list[dict]) -> dict:
+        record = {"method": self.method, "context": self.context, "budget": self.budget, "settings": self.settings}
+        record.update(aggregate(runs, self.args.new_tokens))
+        settings = self.settings or {"max_capacity_prompt": self.context}
+        exact, formula = expected_kv_bytes(self.method, settings, self.context, self.shape)
+        record["kv_bytes_expected"] = exact
+        record["kv_bytes_formula"] = formula
+        record["kv_bytes_exact"] = record["kv_bytes_prefill"] == exact
+        record["deterministic"] = len({r["last_token"] for r in record["raw"]}) == 1
+        return record
+
+
+def measure_config(model, method: str, context: int, budget: int | None, args, shape: dict, progress=None) -> dict:
+    """Warm-up + repeats of one configuration, back to back; returns the aggregated record."""
+    runner = ConfigRunner(model, method, context, budget, args, shape)
+    release_memory(args.device)
+    return runner.record(run_repeats(runner.run, args.warmup, args.repeats, args.device, progress))
+
+
+def measure_interleaved(model, configs: list[tuple], args, shape: dict, progress=None) -> list[dict]:
+    """Warm-up runs of every configuration, then `repeats` rounds that each run every configuration
+    once: slow drifts of the machine then spread over all configurations instead of biasing one."""
+    runners = [ConfigRunner(model, m, c, b, args, shape) for m, c, b in configs]
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.warm()
+            if progress:
+                progress(runner)
+    runs: list[list[dict]] = [[] for _ in runners]
+    for _ in range(args.repeats):
+        for runner, sink in zip(runners, runs):
+            sink.append(runner.measure())
+            if progress:
+                progress(runner)
+    return [runner.record(sink) for runner, sink in zip(runners, runs)]
 
 
 def plan(methods: list[str], contexts: list[int], budgets: list[int], reference: bool) -> list[tuple]:
