@@ -132,7 +132,8 @@ def main(argv=None) -> int:
           + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
              "process RSS high-water mark, reset before each run"
              + (" (glibc mmap threshold fixed at 128 KiB)" if malloc_fixed else "")))
-    print("# order: per context length, every configuration's warm-up, then the repeats in interleaved rounds")
+    print("# order: per context length, every configuration's warm-up, then the repeats in interleaved rounds; "
+          "the reference runs (prompt = budget) are interleaved with the longest context")
     print(f"# machine: {info.get('cpu', '?')} ({info['cpu_count']} CPUs), load average {info['loadavg_start']}")
     from tqdm import tqdm
 
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
         "machine": info,
         "method_of_measurement": {
             "warmup_runs": args.warmup, "measured_runs": args.repeats,
-            "order": "per context length: every configuration's warm-up, then `repeats` interleaved rounds",
+            "order": "per context length: every configuration's warm-up, then `repeats` interleaved rounds; "
+                     "reference runs (prompt = budget) interleaved with the longest context",
             "glibc_mmap_threshold_fixed_128KiB": malloc_fixed,
             "ttft": "prefill forward incl. compression + argmax, perf_counter (cuda: synchronized)",
             "tpot": "median of per-step decode forward times within a run; then median/min/max over runs",
@@ -164,9 +166,13 @@ def main(argv=None) -> int:
     }
     records = payload["records"]
     started = time.perf_counter()
-    groups: dict[int, list[tuple]] = {}  # same prompt length -> measured in interleaved rounds
+    # same prompt length -> measured in interleaved rounds; the reference runs (uncompressed, prompt as
+    # long as a budget) join the longest context's group, so target 2's ratio pairs runs measured in
+    # the same minutes (the machine's speed drifts by tens of percent over a benchmark)
+    groups: dict[int, list[tuple]] = {}
+    longest = max(args.context_lengths)
     for config in configs:
-        groups.setdefault(config[1], []).append(config)
+        groups.setdefault(config[1] if config[1] in args.context_lengths else longest, []).append(config)
 
     with tqdm(total=len(configs) * (args.warmup + args.repeats), unit="run", file=sys.stderr) as bar:
         def progress(runner):
