@@ -129,3 +129,7 @@ def test_sweep_table_methods_by_budgets(tmp_path, capsys):
     assert lines[2].split() == ["SnapKV", "40.00", "70.00"]
     assert lines[3].split() == ["StreamingLLM", "-", "10.00"]
     assert (tmp_path / "sweep_tiny.csv").read_text().splitlines()[0] == "length,method,64,128"
+    per_task = (tmp_path / "sweep_tiny.md").read_text().splitlines()
+    assert per_task[2] == "| method | budget | niah_single_1 | average |"
+    assert per_task[4:] == ["| FullKV | all | 90.0 | 90.0 |", "| SnapKV | 64 | 40.0 | 40.0 |",
+                            "| SnapKV | 128 | 70.0 | 70.0 |", "| StreamingLLM | 128 | 10.0 | 10.0 |"]

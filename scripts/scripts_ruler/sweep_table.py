@@ -3,7 +3,8 @@
 Reads {results_root}/{model_name}_{budget}/results.json written by eval.py (one per budget) and
 prints, per context length, the average over tasks for each method and budget. FullKV keeps every
 token, so it is run once and shown in every budget column (marked "*"). Also writes
-{results_root}/sweep_{model_name}.csv and .json.
+{results_root}/sweep_{model_name}.csv and .json, and sweep_{model_name}.md: per context length, a
+markdown table with one row per (method, budget) and one column per task plus the average.
 
     python scripts/scripts_ruler/sweep_table.py --results_root results_ruler \
         --model_name pyramidkv-tiny-llama --budgets 64,128,256
@@ -37,6 +38,43 @@ def load_sweep(results_root: str, model_name: str, budgets: list[int]) -> dict:
                 value = next(iter(cells.values()))
                 per_method[method] = {b: cells.get(b, value) for b in budgets}
     return table
+
+
+def load_per_task(results_root: str, model_name: str, budgets: list[int]) -> dict:
+    """{length: {(method, budget): {task: score}}} (FullKV once, under the first budget it ran at)."""
+    table: dict = {}
+    for budget in budgets:
+        path = os.path.join(results_root, f"{model_name}_{budget}", "results.json")
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        for method, per_length in results.items():
+            for length, scores in per_length.items():
+                rows = table.setdefault(int(length), {})
+                if method.lower() == "fullkv" and any(m == method for m, _ in rows):
+                    continue
+                rows[(method, budget)] = scores
+    return table
+
+
+def markdown_per_task(per_task: dict, method_order: list[str]) -> str:
+    """One markdown table per context length: rows (method, budget), columns tasks + average."""
+    blocks = []
+    for length in sorted(per_task):
+        rows = per_task[length]
+        tasks = sorted({t for scores in rows.values() for t in scores if t != "average"})
+        rank = {m: i for i, m in enumerate(method_order)}
+        keys = sorted(rows, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1]))
+        lines = [f"**{length} tokens**", "", "| method | budget | " + " | ".join(tasks) + " | average |",
+                 "|---|---|" + "---|" * (len(tasks) + 1)]
+        for method, budget in keys:
+            scores = rows[(method, budget)]
+            shown = "all" if method.lower() == "fullkv" else str(budget)
+            cells = ["-" if scores.get(t) is None else f"{scores[t]:.1f}" for t in tasks + ["average"]]
+            lines.append(f"| {method} | {shown} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def format_sweep(table: dict, budgets: list[int], method_order: list[str]) -> str:
@@ -85,7 +123,12 @@ def main(argv=None) -> int:
         for length in sorted(table):
             for method, cells in table[length].items():
                 writer.writerow([length, method] + ["" if cells.get(b) is None else cells[b] for b in budgets])
-    print(f"wrote {stem}.json and .csv")
+    per_task = markdown_per_task(load_per_task(args.results_root, args.model_name, budgets), order)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(per_task + "\n")
+    print()
+    print(per_task)
+    print(f"wrote {stem}.json, .csv and .md")
     return 0
 
 
