@@ -45,7 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens_per_step", type=int, default=8192)
     ap.add_argument("--max_steps", type=int, default=20000)
-    ap.add_argument("--max_minutes", type=float, default=100.0, help="stop (and export) after this wall time")
+    ap.add_argument("--max_minutes", type=float, default=240.0,
+                    help="stop (and export) after this much training wall time, counted across resumes (default 240)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
