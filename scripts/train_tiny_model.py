@@ -37,6 +37,17 @@ STAGES = [(256, 512, 2e-3), (384, 1024, 5e-4), (640, 1664, 5e-4), (1024, 2176, 3
 TRAIN_SEED_BASE, VALID_SEED = 10_000, 7
 
 
+def parse_mix(text: str) -> dict:
+    try:
+        mix = {task: float(weight) for task, weight in (item.split("=") for item in text.split(",") if item)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=WEIGHT,...") from None
+    unknown = sorted(set(mix) - set(TASK_MIX))
+    if unknown or not mix:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; valid: {', '.join(TASK_MIX)}")
+    return mix
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="ckpt/pyramidkv-tiny-llama", help="final save_pretrained directory")
@@ -47,6 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--max_steps", type=int, default=20000)
     ap.add_argument("--max_minutes", type=float, default=240.0,
                     help="stop (and export) after this much training wall time, counted across resumes (default 240)")
+    ap.add_argument("--task_mix", type=parse_mix, default=None,
+                    help="TASK=WEIGHT,... sampling weights of the training tasks (default: the recipe's TASK_MIX)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
@@ -88,11 +101,12 @@ def export(model, tok, path: str, card_extra: dict | None = None):
         json.dump(card_extra, open(os.path.join(path, "training_state.json"), "w"), indent=1)
 
 
-def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_step: int):
+def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_step: int, mix=None):
     lo, hi, _ = stage
     length = rng.randint(lo, hi)
     n = max(1, tokens_per_step // length)
-    tasks = rng.choices(list(TASK_MIX), weights=list(TASK_MIX.values()), k=n)
+    mix = mix or TASK_MIX
+    tasks = rng.choices(list(mix), weights=list(mix.values()), k=n)
     packed = [pack_sample(sampler(t, tok, length, i, TRAIN_SEED_BASE + step), tok, rng)
               for i, t in enumerate(tasks)]
     L = max(len(p["ids"]) for p in packed)
@@ -167,7 +181,7 @@ def main(argv=None):
                 print(f"step {st['step']}: switched data source to {source}", flush=True)
         stage = STAGES[st["stage"]]
         rng = random.Random(f"{args.seed}-{st['step']}")
-        batch = make_batch(tok, sampler, st["step"], stage, rng, args.tokens_per_step)
+        batch = make_batch(tok, sampler, st["step"], stage, rng, args.tokens_per_step, args.task_mix)
         warm = min(1.0, (st["step"] - st["stage_start"] + 1) / 30)
         for g in opt.param_groups:
             g["lr"] = stage[2] * warm
