@@ -18,6 +18,7 @@ import sys
 
 from pyramidkv import longbench as lb
 from pyramidkv import metrics
+from pyramidkv.predict import iter_jsonl
 
 EN_AVERAGE = "average_english"  # mean over the English LongBench sets present
 ALL_AVERAGE = "average"         # mean over every dataset (or task) present
@@ -30,28 +31,22 @@ def warn(message: str) -> None:
 def read_predictions(path: str, required: tuple, id_key: str) -> list[dict]:
     """Valid records of a jsonl prediction file; bad lines are reported (file:line) and skipped."""
     records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                warn(f"{path}:{line_no}: malformed JSON ({err.msg}); line skipped")
-                continue
-            missing = [k for k in required if not isinstance(record, dict) or k not in record]
-            if missing:
-                warn(f"{path}:{line_no}: missing {', '.join(missing)}; line skipped")
-                continue
-            if not isinstance(record["pred"], str):
-                warn(f"{path}:{line_no}: pred is {type(record['pred']).__name__}, not a string; line skipped")
-                continue
-            key = record.get(id_key)
-            if key is not None and key in seen:
-                warn(f"{path}:{line_no}: repeated {id_key} {key!r}; counted once")
-                continue
-            seen.add(key)
-            records.append(record)
+    for line_no, record, json_error, missing in iter_jsonl(path, required):
+        if json_error is not None:
+            warn(f"{path}:{line_no}: malformed JSON ({json_error}); line skipped")
+            continue
+        if missing:
+            warn(f"{path}:{line_no}: missing {', '.join(missing)}; line skipped")
+            continue
+        if not isinstance(record["pred"], str):
+            warn(f"{path}:{line_no}: pred is {type(record['pred']).__name__}, not a string; line skipped")
+            continue
+        key = record.get(id_key)
+        if key is not None and key in seen:
+            warn(f"{path}:{line_no}: repeated {id_key} {key!r}; counted once")
+            continue
+        seen.add(key)
+        records.append(record)
     return records
 
 

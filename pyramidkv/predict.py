@@ -208,9 +208,10 @@ def load_done_ids(path: str, key: str = "_id") -> set:
     return done
 
 
-def read_jsonl_strict(path: str, required: tuple, what: str) -> list[dict]:
-    """Records of an input jsonl file; a malformed line or a missing field is a one-line error (file:line)."""
-    records = []
+def iter_jsonl(path: str, required: tuple):
+    """(line number, record, JSON error message or None, missing required fields) per non-blank line.
+
+    The caller decides what a bad line means: inputs fail (`read_jsonl_strict`), eval.py warns and skips."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -218,12 +219,22 @@ def read_jsonl_strict(path: str, required: tuple, what: str) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CLIError(f"{path}:{line_no}: malformed JSON line ({err.msg})") from None
+                yield line_no, None, err.msg, []
+                continue
             missing = [k for k in required if not isinstance(record, dict) or k not in record]
-            if missing:
-                raise CLIError(f"{path}:{line_no}: missing field(s) {', '.join(missing)} "
-                               f"(a {what} line needs {', '.join(required)})")
-            records.append(record)
+            yield line_no, record, None, missing
+
+
+def read_jsonl_strict(path: str, required: tuple, what: str) -> list[dict]:
+    """Records of an input jsonl file; a malformed line or a missing field is a one-line error (file:line)."""
+    records = []
+    for line_no, record, json_error, missing in iter_jsonl(path, required):
+        if json_error is not None:
+            raise CLIError(f"{path}:{line_no}: malformed JSON line ({json_error})")
+        if missing:
+            raise CLIError(f"{path}:{line_no}: missing field(s) {', '.join(missing)} "
+                           f"(a {what} line needs {', '.join(required)})")
+        records.append(record)
     return records
 
 
