@@ -18,9 +18,9 @@ import os
 import sys
 
 
-def load_sweep(results_root: str, model_name: str, budgets: list[int]) -> dict:
-    """{length: {method: {budget: average}}} from the per-budget results.json files."""
-    table: dict = {}
+def load_results(results_root: str, model_name: str, budgets: list[int]) -> dict:
+    """{length: {method: {budget: {task: score, "average": ...}}}} from the per-budget results.json files."""
+    results: dict = {}
     for budget in budgets:
         path = os.path.join(results_root, f"{model_name}_{budget}", "results.json")
         if not os.path.exists(path):
@@ -28,33 +28,34 @@ def load_sweep(results_root: str, model_name: str, budgets: list[int]) -> dict:
                   file=sys.stderr)
             continue
         with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-        for method, per_length in results.items():
+            per_method = json.load(f)
+        for method, per_length in per_method.items():
             for length, scores in per_length.items():
-                table.setdefault(int(length), {}).setdefault(method, {})[budget] = scores.get("average")
-    for per_method in table.values():  # FullKV does not depend on the budget
-        for method, cells in per_method.items():
-            if method.lower() == "fullkv" and cells:
+                results.setdefault(int(length), {}).setdefault(method, {})[budget] = scores
+    return results
+
+
+def load_sweep(results: dict, budgets: list[int]) -> dict:
+    """{length: {method: {budget: average}}}; FullKV's one run fills every budget column."""
+    table: dict = {}
+    for length, per_method in results.items():
+        for method, per_budget in per_method.items():
+            cells = {b: scores.get("average") for b, scores in per_budget.items()}
+            if method.lower() == "fullkv" and cells:  # FullKV does not depend on the budget
                 value = next(iter(cells.values()))
-                per_method[method] = {b: cells.get(b, value) for b in budgets}
+                cells = {b: cells.get(b, value) for b in budgets}
+            table.setdefault(length, {})[method] = cells
     return table
 
 
-def load_per_task(results_root: str, model_name: str, budgets: list[int]) -> dict:
+def load_per_task(results: dict) -> dict:
     """{length: {(method, budget): {task: score}}} (FullKV once, under the first budget it ran at)."""
     table: dict = {}
-    for budget in budgets:
-        path = os.path.join(results_root, f"{model_name}_{budget}", "results.json")
-        if not os.path.exists(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-        for method, per_length in results.items():
-            for length, scores in per_length.items():
-                rows = table.setdefault(int(length), {})
-                if method.lower() == "fullkv" and any(m == method for m, _ in rows):
-                    continue
-                rows[(method, budget)] = scores
+    for length, per_method in results.items():
+        rows = table.setdefault(length, {})
+        for method, per_budget in per_method.items():
+            budgets = list(per_budget)[:1] if method.lower() == "fullkv" else list(per_budget)
+            rows.update({(method, b): per_budget[b] for b in budgets})
     return table
 
 
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: bad --budgets {args.budgets!r}; expected a comma list of integers", file=sys.stderr)
         return 2
-    table = load_sweep(args.results_root, args.model_name, budgets)
+    results = load_results(args.results_root, args.model_name, budgets)
+    table = load_sweep(results, budgets)
     if not table:
         print(f"error: no results.json under {args.results_root}/{args.model_name}_<budget>/", file=sys.stderr)
         return 2
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         for length in sorted(table):
             for method, cells in table[length].items():
                 writer.writerow([length, method] + ["" if cells.get(b) is None else cells[b] for b in budgets])
-    per_task = markdown_per_task(load_per_task(args.results_root, args.model_name, budgets), order)
+    per_task = markdown_per_task(load_per_task(results), order)
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(per_task + "\n")
     print()
