@@ -42,8 +42,10 @@ def parse_mix(text: str) -> dict:
         mix = {task: float(weight) for task, weight in (item.split("=") for item in text.split(",") if item)}
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=WEIGHT,...") from None
+    if not mix or sum(mix.values()) <= 0 or min(mix.values()) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give non-negative weights, at least one positive")
     unknown = sorted(set(mix) - set(TASK_MIX))
-    if unknown or not mix:
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; valid: {', '.join(TASK_MIX)}")
     return mix
 
