@@ -62,6 +62,8 @@ def parse_args(argv=None):
                     help="stop (and export) after this much training wall time, counted across resumes (default 240)")
     ap.add_argument("--task_mix", type=parse_mix, default=None,
                     help="TASK=WEIGHT,... sampling weights of the training tasks (default: the recipe's TASK_MIX)")
+    ap.add_argument("--whole_key_words", action="store_true",
+                    help="make every RULER key word one token (measured worse: see MODEL_CARD.md)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
@@ -149,7 +151,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
-    tok = build_tokenizer(seed=args.seed)
+    tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words)
     model = build_model(tok, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     if args.init_only:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Prompts are used raw (RULER "base" template). The chat template only concatenates the messages, so a
@@ -50,8 +50,21 @@ def training_corpus(seed: int = 0) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
-    """Train the BPE and wrap it as a transformers fast tokenizer (BOS prepended, EOS appended never)."""
+def key_words() -> list[str]:
+    """The words RULER builds needle keys from (wonderwords adjectives and nouns), letters only."""
+    adjs, nouns = _wonderwords_lists()
+    return sorted({w for w in adjs + nouns if w.isalpha() and w.isascii()})
+
+
+def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool = False):
+    """Train the BPE and wrap it as a transformers fast tokenizer (BOS prepended, EOS appended never).
+
+    whole_key_words (off in the recipe): every key word is one token (an added token that only matches a whole word, so
+    "cat" stays inside "concatenate"). With the 2 048-entry BPE alone a key like reflective-compulsion
+    was 7 pieces, often shared between keys (re, c, s ...): the layer-0 heads that must tell 28 keys
+    apart in niah_multikey_2 saw overlapping bags of pieces. Measured: it did NOT help (4 000 steps from
+    scratch never passed the first curriculum gate; MODEL_CARD.md), so the recipe keeps it off.
+    """
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -69,4 +82,6 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    padding_side="left", model_max_length=1 << 20)
     fast.chat_template = CHAT_TEMPLATE
+    if whole_key_words:
+        fast.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in key_words()])
     return fast
