@@ -64,6 +64,8 @@ def parse_args(argv=None):
                     help="TASK=WEIGHT,... sampling weights of the training tasks (default: the recipe's TASK_MIX)")
     ap.add_argument("--whole_key_words", action="store_true",
                     help="make every RULER key word one token (measured worse: see MODEL_CARD.md)")
+    ap.add_argument("--shared_embedding", type=float, default=0.0,
+                    help="add one shared random vector of this std to every frozen input embedding (0 = recipe)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
@@ -73,7 +75,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def build_model(tok, seed: int):
+def build_model(tok, seed: int, shared_embedding: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -85,6 +87,10 @@ def build_model(tok, seed: int):
     # distinct, and copying forms (DESIGN §5).
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
+        # A component common to all tokens gives q/k a content-independent part, so a layer-0 head can
+        # attend by relative (RoPE) position alone, e.g. to the key a fixed number of tokens back.
+        if shared_embedding:  # guarded: drawing it would shift the random stream of the recipe's init
+            model.model.embed_tokens.weight.add_(torch.randn(cfg.hidden_size) * shared_embedding)
         model.lm_head.weight.normal_(0.0, 0.06)
     model.model.embed_tokens.weight.requires_grad_(False)
     model.lm_head.weight.requires_grad_(False)
@@ -152,7 +158,7 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
     tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words)
-    model = build_model(tok, args.seed)
+    model = build_model(tok, args.seed, args.shared_embedding)
     n_params = sum(p.numel() for p in model.parameters())
     if args.init_only:
         export(model, tok, args.out)
