@@ -18,7 +18,7 @@ import sys
 
 from pyramidkv import longbench as lb
 from pyramidkv import metrics
-from pyramidkv.predict import iter_jsonl
+from pyramidkv.result_files import iter_jsonl
 
 EN_AVERAGE = "average_english"  # mean over the English LongBench sets present
 ALL_AVERAGE = "average"         # mean over every dataset (or task) present

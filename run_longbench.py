@@ -13,7 +13,7 @@ import os
 import sys
 
 from pyramidkv import longbench as lb
-from pyramidkv import predict
+from pyramidkv import predict, result_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
 def run_dataset(args, model, tokenizer, dataset, samples, out_dir, max_length, config, tqdm) -> None:
     dir_name = f"{dataset}_e" if args.longbench_e else dataset
     out_path = os.path.join(out_dir, dir_name, f"{args.method}.json")
-    done = predict.load_done_ids(out_path)
+    done = result_files.load_done_ids(out_path)
     pending, seen = [], set(done)
     for sample in samples:
         if sample["_id"] not in seen:  # also guards against repeated ids in the data file
@@ -116,7 +116,7 @@ def run_dataset(args, model, tokenizer, dataset, samples, out_dir, max_length, c
         preds = predict.generate(model, tokenizer, [p for p, _ in built], max_new_tokens,
                                  args.method, config, stop_strings=stop)
         for sample, pred, (_, prompt_tokens) in zip(batch, preds, built):
-            predict.append_jsonl(out_path, {
+            result_files.append_jsonl(out_path, {
                 "pred": pred, "answers": sample["answers"], "all_classes": sample.get("all_classes"),
                 "length": sample["length"], "_id": sample["_id"], "dataset": dir_name,
                 "language": sample.get("language"), "prompt_tokens": prompt_tokens,

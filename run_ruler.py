@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from pyramidkv import predict
+from pyramidkv import predict, result_files
 from pyramidkv.ruler import DEFAULT_TASKS, TASKS, generate_sample, parse_task_list, tokens_to_generate
 from pyramidkv.ruler.__main__ import parse_lengths
 from pyramidkv.ruler.dataset import dataset_path, read_dataset, read_meta
@@ -69,7 +69,7 @@ def sample_getter(args, tokenizer, task: str, length: int, chat: bool):
 
 def run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm) -> None:
     out_path = os.path.join(out_dir, str(length), task, f"{args.method}.json")
-    done = predict.load_done_ids(out_path, key="index")
+    done = result_files.load_done_ids(out_path, key="index")
     pending = [i for i in range(args.num_samples) if i not in done]
     get_sample = sample_getter(args, tokenizer, task, length, chat)
     progress = tqdm(total=args.num_samples, initial=args.num_samples - len(pending),
@@ -79,7 +79,7 @@ def run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm) 
         preds = predict.generate(model, tokenizer, [s["input"] for s in batch],
                                  max(s["tokens_to_generate"] for s in batch), args.method, config)
         for sample, pred in zip(batch, preds):
-            predict.append_jsonl(out_path, {"pred": pred, "outputs": sample["outputs"], "length": sample["length"],
+            result_files.append_jsonl(out_path, {"pred": pred, "outputs": sample["outputs"], "length": sample["length"],
                                             "index": sample["index"], "depth": sample.get("depth")})
         progress.update(len(batch))
     progress.close()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-from .predict import REPO_ROOT, CLIError, read_jsonl_strict
+from .predict import REPO_ROOT, CLIError
+from .result_files import read_jsonl_strict
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "longbench")
 SMOKE_DATA_DIR = os.path.join(REPO_ROOT, "data", "longbench_smoke")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pyramidkv import predict
+from pyramidkv import predict, result_files
 from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread
 
 
@@ -46,16 +46,16 @@ def test_unknown_method_is_one_line_error():
 
 def test_append_and_done_ids_survive_a_truncated_last_line(tmp_path):
     path = str(tmp_path / "sub" / "m.json")
-    assert predict.load_done_ids(path) == set()
-    predict.append_jsonl(path, {"_id": "a", "pred": "x"})
-    predict.append_jsonl(path, {"_id": "b", "pred": "ü"})
+    assert result_files.load_done_ids(path) == set()
+    result_files.append_jsonl(path, {"_id": "a", "pred": "x"})
+    result_files.append_jsonl(path, {"_id": "b", "pred": "ü"})
     with open(path, "a") as f:
         f.write('{"_id": "c", "pr')  # a crash mid-write
-    assert predict.load_done_ids(path) == {"a", "b"}
-    predict.append_jsonl(path, {"_id": "c", "pred": "z"})
+    assert result_files.load_done_ids(path) == {"a", "b"}
+    result_files.append_jsonl(path, {"_id": "c", "pred": "z"})
     lines = open(path, encoding="utf-8").read().splitlines()
     assert [json.loads(line)["_id"] for line in lines] == ["a", "b", "c"]
-    assert predict.load_done_ids(path, key="pred") == {"x", "ü", "z"}
+    assert result_files.load_done_ids(path, key="pred") == {"x", "ü", "z"}
 
 
 def test_write_run_meta_keeps_each_method_and_history(tmp_path):

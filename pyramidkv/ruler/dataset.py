@@ -42,7 +42,7 @@ def write_dataset(data_dir: str, task: str, tokenizer, length: int, num_samples:
 
 def read_dataset(path: str) -> list[dict]:
     """Samples of one pre-generated file; a malformed line is reported as path:line."""
-    from ..predict import read_jsonl_strict
+    from ..result_files import read_jsonl_strict
 
     return read_jsonl_strict(path, REQUIRED_FIELDS, "RULER sample")
 
