@@ -62,9 +62,10 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool
 
     whole_key_words (off in the recipe): every key word is one token (an added token that only matches a
     whole word, so "cat" stays inside "concatenate"). With the 2 048-entry BPE alone a key like
-    reflective-compulsion was 7 pieces, often shared between keys (re, c, s ...): the layer-0 heads that must tell 28 keys
-    apart in niah_multikey_2 saw overlapping bags of pieces. Measured: it did NOT help (4 000 steps from
-    scratch never passed the first curriculum gate; MODEL_CARD.md), so the recipe keeps it off.
+    reflective-compulsion was 7 pieces, often shared between keys (re, c, s ...): the layer-0 heads
+    that must tell 28 keys apart in niah_multikey_2 saw overlapping bags of pieces. Measured: it did
+    NOT help (4 000 steps from scratch never passed the first curriculum gate; MODEL_CARD.md), so the
+    recipe keeps it off.
     """
     from transformers import PreTrainedTokenizerFast
 
