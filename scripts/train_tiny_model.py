@@ -2,7 +2,8 @@
 """Train the project's embedded default model: a 2-layer Llama that answers RULER needle questions.
 
 Recipe (DESIGN §5, found by two probes on a 2-core CPU): untied input/output embeddings frozen at random
-init; answer-only loss; attention supervision toward the needle in both layers (scripts/tiny_model/
+init, plus one shared random vector in every input embedding (lets a head attend by position alone);
+answer needles at every depth; answer-only loss; attention supervision toward the needle in both layers (scripts/tiny_model/
 packing.py); an accuracy-gated length curriculum. Training data come from the project's RULER generator
 (pyramidkv.ruler) with seeds >= 10_000; evaluation uses seed 42, indices 0..99 (validation during
 training: seed 7). Resumable: rerun the same command and it continues from run_dir/state.pt.
@@ -64,8 +65,8 @@ def parse_args(argv=None):
                     help="TASK=WEIGHT,... sampling weights of the training tasks (default: the recipe's TASK_MIX)")
     ap.add_argument("--whole_key_words", action="store_true",
                     help="make every RULER key word one token (measured worse: see MODEL_CARD.md)")
-    ap.add_argument("--shared_embedding", type=float, default=0.0,
-                    help="add one shared random vector of this std to every frozen input embedding (0 = recipe)")
+    ap.add_argument("--shared_embedding", type=float, default=1.0,
+                    help="std of one shared random vector added to every frozen input embedding (0 = none)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def build_model(tok, seed: int, shared_embedding: float = 0.0):
+def build_model(tok, seed: int, shared_embedding: float = 1.0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -89,7 +90,7 @@ def build_model(tok, seed: int, shared_embedding: float = 0.0):
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
         # A component common to all tokens gives q/k a content-independent part, so a layer-0 head can
         # attend by relative (RoPE) position alone, e.g. to the key a fixed number of tokens back.
-        if shared_embedding:  # guarded: drawing it would shift the random stream of the recipe's init
+        if shared_embedding:  # guarded: with 0 the init's random stream is the pre-shared-embedding one
             model.model.embed_tokens.weight.add_(torch.randn(cfg.hidden_size) * shared_embedding)
         model.lm_head.weight.normal_(0.0, 0.06)
     model.model.embed_tokens.weight.requires_grad_(False)
@@ -117,8 +118,10 @@ def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_st
     n = max(1, tokens_per_step // length)
     mix = mix or TASK_MIX
     tasks = rng.choices(list(mix), weights=list(mix.values()), k=n)
-    packed = [pack_sample(sampler(t, tok, length, i, TRAIN_SEED_BASE + step), tok, rng)
-              for i, t in enumerate(tasks)]
+    # The generator sets the answer needle's depth from index % 40; drawing the index (not 0..n-1) covers
+    # every depth — with 0..n-1 the long stages (n = 3..8) only ever saw answers in the first 18%.
+    packed = [pack_sample(sampler(t, tok, length, rng.randrange(1 << 20), TRAIN_SEED_BASE + step), tok, rng)
+              for t in tasks]
     L = max(len(p["ids"]) for p in packed)
     ids = torch.full((n, L), tok.pad_token_id, dtype=torch.long)
     for b, p in enumerate(packed):
