@@ -79,8 +79,9 @@ def run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm) 
         preds = predict.generate(model, tokenizer, [s["input"] for s in batch],
                                  max(s["tokens_to_generate"] for s in batch), args.method, config)
         for sample, pred in zip(batch, preds):
-            result_files.append_jsonl(out_path, {"pred": pred, "outputs": sample["outputs"], "length": sample["length"],
-                                            "index": sample["index"], "depth": sample.get("depth")})
+            result_files.append_jsonl(out_path, {"pred": pred, "outputs": sample["outputs"],
+                                                 "length": sample["length"], "index": sample["index"],
+                                                 "depth": sample.get("depth")})
         progress.update(len(batch))
     progress.close()
 

@@ -3,10 +3,10 @@
 
 Recipe (DESIGN §5, found by two probes on a 2-core CPU): untied input/output embeddings frozen at random
 init, plus one shared random vector in every input embedding (lets a head attend by position alone);
-answer needles at every depth; answer-only loss; attention supervision toward the needle in both layers (scripts/tiny_model/
-packing.py); an accuracy-gated length curriculum. Training data come from the project's RULER generator
-(pyramidkv.ruler) with seeds >= 10_000; evaluation uses seed 42, indices 0..99 (validation during
-training: seed 7). Resumable: rerun the same command and it continues from run_dir/state.pt.
+answer needles at every depth; answer-only loss; attention supervision toward the needle in both layers
+(scripts/tiny_model/packing.py); an accuracy-gated length curriculum. Training data come from the
+project's RULER generator (pyramidkv.ruler) with seeds >= 10_000; evaluation uses seed 42, indices 0..99
+(validation during training: seed 7). Resumable: rerun the same command and it continues from run_dir/state.pt.
 
 Background: Olsson et al. 2022, "In-context Learning and Induction Heads" (the copy circuit supervised
 here); Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language Models?".
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def build_model(tok, seed: int, shared_embedding: float = 1.0, rope_theta: float = 10000.0):
+def build_model(tok, seed: int, shared_embedding: float, rope_theta: float):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -121,7 +121,7 @@ def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_st
     mix = mix or TASK_MIX
     tasks = rng.choices(list(mix), weights=list(mix.values()), k=n)
     # The generator sets the answer needle's depth from index % 40; drawing the index (not 0..n-1) covers
-    # every depth — with 0..n-1 the long stages (n = 3..8) only ever saw answers in the first 18%.
+    # every depth — with 0..n-1 the stages from 640 tokens (n = 3..12) only saw answers in the first 28%.
     packed = [pack_sample(sampler(t, tok, length, rng.randrange(1 << 20), TRAIN_SEED_BASE + step), tok, rng)
               for t in tasks]
     L = max(len(p["ids"]) for p in packed)
