@@ -51,6 +51,16 @@ def parse_mix(text: str) -> dict:
     return mix
 
 
+def _heads(text: str) -> list[int]:
+    try:
+        heads = [int(h) for h in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected head indices like 0,4") from None
+    if not heads or min(heads) < 0 or max(heads) > 7:
+        raise argparse.ArgumentTypeError(f"{text!r}: head indices must be in 0..7")
+    return heads
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="ckpt/pyramidkv-tiny-llama", help="final save_pretrained directory")
@@ -69,13 +79,21 @@ def parse_args(argv=None):
                     help="std of one shared random vector added to every frozen input embedding (0 = none)")
     ap.add_argument("--rope_theta", type=float, default=10000.0,
                     help="RoPE base (500 000, Llama-3's, learned much slower: see MODEL_CARD.md)")
+    ap.add_argument("--copy_heads", type=_heads, default=[0],
+                    help="layer-1 heads supervised to copy the queried needle's value, e.g. 0,4 (default 0)")
+    ap.add_argument("--bind_heads", type=_heads, default=[0, 1],
+                    help="layer-0 head pairs (first word, last word) supervised to bind a needle's key to its "
+                         "value, e.g. 0,1,4,5 (default 0,1)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
     ap.add_argument("--valid_every", type=int, default=300)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (faster per step on CPU)")
     ap.add_argument("--init_only", action="store_true", help="save tokenizer + untrained model and exit")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if len(args.bind_heads) % 2:
+        ap.error(f"--bind_heads {args.bind_heads}: give pairs (first-word head, last-word head), e.g. 0,1,4,5")
+    return args
 
 
 def build_model(tok, seed: int, shared_embedding: float, rope_theta: float):
@@ -131,7 +149,7 @@ def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_st
     return tasks, packed, ids
 
 
-def train_step(model, batch, scaling: float):
+def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1)):
     tasks, packed, ids = batch
     hidden = model.model(input_ids=ids).last_hidden_state
     rows = [(b, pos, tgt) for b, p in enumerate(packed) for pos, tgt in p["targets"]]
@@ -139,10 +157,14 @@ def train_step(model, batch, scaling: float):
     p_idx = torch.tensor([r[1] for r in rows])
     logits = model.lm_head(hidden[b_idx, p_idx]).float()
     ce = torch.nn.functional.cross_entropy(logits, torch.tensor([r[2] for r in rows]))
-    l0 = (supervision.head_loss(0, 0, [(b, q, t) for b, p in enumerate(packed) for q, t, _ in p["l0"]], scaling)
-          + supervision.head_loss(0, 1, [(b, q, t) for b, p in enumerate(packed) for q, _, t in p["l0"]], scaling))
+    first_rows = [(b, q, t) for b, p in enumerate(packed) for q, t, _ in p["l0"]]
+    last_rows = [(b, q, t) for b, p in enumerate(packed) for q, _, t in p["l0"]]
+    pairs = list(zip(bind_heads[::2], bind_heads[1::2]))
+    l0 = sum(supervision.head_loss(0, hf, first_rows, scaling) + supervision.head_loss(0, hl, last_rows, scaling)
+             for hf, hl in pairs) / len(pairs)
     l1_rows = [(b, q, t) for b, p in enumerate(packed) for q, t in p["l1"]]
-    l1 = supervision.head_loss(1, 0, l1_rows, scaling) if l1_rows else torch.zeros(())
+    l1 = (sum(supervision.head_loss(1, h, l1_rows, scaling) for h in copy_heads) / len(copy_heads)
+          if l1_rows else torch.zeros(()))
     loss = ce + 1.0 * l0 + 0.3 * l1
     # first-time accuracy: the eval-format question, all value tokens argmax-correct (teacher forced ==
     # greedy exact match of the answer)
@@ -200,7 +222,7 @@ def main(argv=None):
         warm = min(1.0, (st["step"] - st["stage_start"] + 1) / 30)
         for g in opt.param_groups:
             g["lr"] = stage[2] * warm
-        loss, parts, correct = train_step(compiled, batch, scaling)
+        loss, parts, correct = train_step(compiled, batch, scaling, args.copy_heads, args.bind_heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
