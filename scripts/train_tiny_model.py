@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.tiny_model import supervision  # noqa: E402
 from scripts.tiny_model.evaluate import evaluate  # noqa: E402
+from scripts.tiny_model.grow import grow_kv_heads  # noqa: E402
 from scripts.tiny_model.packing import pack_sample  # noqa: E402
 from scripts.tiny_model.sampler import FAILURES, get_sampler  # noqa: E402
 from scripts.tiny_model.tokenizer import build_tokenizer  # noqa: E402
@@ -79,6 +80,10 @@ def parse_args(argv=None):
                     help="std of one shared random vector added to every frozen input embedding (0 = none)")
     ap.add_argument("--rope_theta", type=float, default=10000.0,
                     help="RoPE base (500 000, Llama-3's, learned much slower: see MODEL_CARD.md)")
+    ap.add_argument("--decay_steps", type=int, default=0,
+                    help="decay the learning rate linearly to 10%% over the last N steps before --max_steps")
+    ap.add_argument("--kv_heads", type=int, default=2, choices=[1, 2, 4, 8],
+                    help="KV heads per layer (8 query heads); resuming a run saved with fewer grows it")
     ap.add_argument("--copy_heads", type=_heads, default=[0],
                     help="layer-1 heads supervised to copy the queried needle's value, e.g. 0,4 (default 0)")
     ap.add_argument("--bind_heads", type=_heads, default=[0, 1],
@@ -96,11 +101,12 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(tok, seed: int, shared_embedding: float, rope_theta: float):
+def build_model(tok, seed: int, shared_embedding: float, rope_theta: float, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
+                      num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=32,
+                      max_position_embeddings=8192,
                       rope_theta=rope_theta, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
@@ -149,6 +155,13 @@ def make_batch(tok, sampler, step: int, stage, rng: random.Random, tokens_per_st
     return tasks, packed, ids
 
 
+def learning_rate(st: dict, stage_lr: float, max_steps: int, decay_steps: int) -> float:
+    """The stage's rate after a 30-step warm-up; linear decay to 10% over the last decay_steps steps."""
+    warm = min(1.0, (st["step"] - st["stage_start"] + 1) / 30)
+    into_decay = max(0, st["step"] - (max_steps - decay_steps)) / max(1, decay_steps)
+    return stage_lr * warm * (1.0 - 0.9 * min(1.0, into_decay))
+
+
 def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1)):
     tasks, packed, ids = batch
     hidden = model.model(input_ids=ids).last_hidden_state
@@ -185,7 +198,7 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
     tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words)
-    model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta)
+    model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta, args.kv_heads)
     n_params = sum(p.numel() for p in model.parameters())
     if args.init_only:
         export(model, tok, args.out)
@@ -199,6 +212,8 @@ def main(argv=None):
     st = {"step": 0, "stage": 0, "stage_start": 0, "elapsed": 0.0, "acc": {}, "history": []}
     if os.path.exists(state_path):
         ck = torch.load(state_path, weights_only=False)
+        if grow_kv_heads(ck["model"], ck["opt"], model):
+            print(f"grew the checkpoint to {args.kv_heads} KV heads (same outputs; copies train apart)", flush=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         st = ck["st"]
@@ -219,9 +234,8 @@ def main(argv=None):
         stage = STAGES[st["stage"]]
         rng = random.Random(f"{args.seed}-{st['step']}")
         batch = make_batch(tok, sampler, st["step"], stage, rng, args.tokens_per_step, args.task_mix)
-        warm = min(1.0, (st["step"] - st["stage_start"] + 1) / 30)
         for g in opt.param_groups:
-            g["lr"] = stage[2] * warm
+            g["lr"] = learning_rate(st, stage[2], args.max_steps, args.decay_steps)
         loss, parts, correct = train_step(compiled, batch, scaling, args.copy_heads, args.bind_heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()

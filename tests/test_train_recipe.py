@@ -55,3 +55,42 @@ def test_supervision_trains_the_named_heads():
         opt.step()
     after = head4_copy_loss()
     assert after < 0.7 * before, (before, after)
+
+
+def test_growing_kv_heads_keeps_the_outputs():
+    """--kv_heads 4 on a 2-KV-head state: same logits after the grow, and the AdamW moments follow."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from scripts.tiny_model.grow import grow_kv_heads
+    tok = AutoTokenizer.from_pretrained(CKPT)
+    old = AutoModelForCausalLM.from_pretrained(CKPT).eval()
+    new = recipe.build_model(tok, seed=1, shared_embedding=1.0, rope_theta=10000.0, kv_heads=4).eval()
+    state = {k: v.clone() for k, v in old.state_dict().items()}
+    trainable = [n for n, p in old.named_parameters() if p.requires_grad]
+    opt_state = {"state": {i: {"exp_avg": torch.randn_like(dict(old.named_parameters())[n]),
+                               "exp_avg_sq": torch.rand_like(dict(old.named_parameters())[n])}
+                           for i, n in enumerate(trainable)}}
+    k_name = "model.layers.1.self_attn.k_proj.weight"
+    k_moment = opt_state["state"][trainable.index(k_name)]["exp_avg"].clone()
+    assert grow_kv_heads(state, opt_state, new)
+    new.load_state_dict(state)
+    text = "One of the special magic numbers for tall-crab is: 7260424. What is it? 7260"
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(new(**ids).logits, old(**ids).logits, atol=1e-4, rtol=1e-4)
+    grown = opt_state["state"][trainable.index(k_name)]["exp_avg"]
+    assert grown.shape == new.get_parameter(k_name).shape
+    torch.testing.assert_close(grown[32:64], k_moment[:32])  # new KV head 1 is a copy of old head 0
+    torch.testing.assert_close(grown[64:96], k_moment[32:64])
+    with pytest.raises(ValueError, match="multiple"):
+        grow_kv_heads({**old.state_dict()}, {"state": {}},
+                      recipe.build_model(tok, 1, 1.0, 10000.0, kv_heads=1))
+
+
+def test_learning_rate_warms_up_then_decays_at_the_end():
+    st = {"step": 0, "stage_start": 0}
+    assert recipe.learning_rate(st, 1e-3, 1000, 0) == pytest.approx(1e-3 / 30)
+    for step, expected in [(500, 1e-3), (800, 1e-3), (900, 0.55e-3), (999, 0.1045e-3)]:
+        st["step"] = step
+        assert recipe.learning_rate(st, 1e-3, 1000, 200) == pytest.approx(expected, rel=1e-6), step
+    st["step"] = 999
+    assert recipe.learning_rate(st, 1e-3, 1000, 0) == pytest.approx(1e-3)  # no decay by default
