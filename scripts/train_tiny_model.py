@@ -8,6 +8,11 @@ answer needles at every depth; answer-only loss; attention supervision toward th
 project's RULER generator (pyramidkv.ruler) with seeds >= 10_000; evaluation uses seed 42, indices 0..99
 (validation during training: seed 7). Resumable: rerun the same command and it continues from run_dir/state.pt.
 
+The committed checkpoint is two invocations on one run_dir (MODEL_CARD.md): 3 600 steps with the defaults,
+then a resume to 5 400 steps adding a second copy head in the other KV group and a final lr decay:
+  python scripts/train_tiny_model.py --compile --max_steps 3600 --run_dir R --out R/phase1
+  python scripts/train_tiny_model.py --compile --max_steps 5400 --copy_heads 0,4 --decay_steps 600 --run_dir R
+
 Background: Olsson et al. 2022, "In-context Learning and Induction Heads" (the copy circuit supervised
 here); Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language Models?".
 """
