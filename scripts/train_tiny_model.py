@@ -7,6 +7,7 @@ answer needles at every depth; answer-only loss; attention supervision toward th
 (scripts/tiny_model/packing.py); an accuracy-gated length curriculum. Training data come from the
 project's RULER generator (pyramidkv.ruler) with seeds >= 10_000; evaluation uses seed 42, indices 0..99
 (validation during training: seed 7). Resumable: rerun the same command and it continues from run_dir/state.pt.
+Trains on the CPU by default (the committed checkpoint); `--device cuda` runs the same recipe on a GPU.
 
 The committed checkpoint is two invocations on one run_dir (MODEL_CARD.md): 3 600 steps with the defaults,
 then a resume to 5 400 steps adding a second copy head in the other KV group and a final lr decay:
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--run_dir", default="/tmp/train_run", help="log, resumable state, latest export")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="torch device to train on, e.g. cuda (the committed checkpoint was trained on cpu)")
     ap.add_argument("--tokens_per_step", type=int, default=8192)
     ap.add_argument("--max_steps", type=int, default=20000)
     ap.add_argument("--max_minutes", type=float, default=240.0,
@@ -169,12 +172,13 @@ def learning_rate(st: dict, stage_lr: float, max_steps: int, decay_steps: int) -
 
 def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1)):
     tasks, packed, ids = batch
-    hidden = model.model(input_ids=ids).last_hidden_state
+    device = model.lm_head.weight.device
+    hidden = model.model(input_ids=ids.to(device)).last_hidden_state
     rows = [(b, pos, tgt) for b, p in enumerate(packed) for pos, tgt in p["targets"]]
-    b_idx = torch.tensor([r[0] for r in rows])
-    p_idx = torch.tensor([r[1] for r in rows])
+    b_idx = torch.tensor([r[0] for r in rows], device=device)
+    p_idx = torch.tensor([r[1] for r in rows], device=device)
     logits = model.lm_head(hidden[b_idx, p_idx]).float()
-    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([r[2] for r in rows]))
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([r[2] for r in rows], device=device))
     first_rows = [(b, q, t) for b, p in enumerate(packed) for q, t, _ in p["l0"]]
     last_rows = [(b, q, t) for b, p in enumerate(packed) for q, _, t in p["l0"]]
     pairs = list(zip(bind_heads[::2], bind_heads[1::2]))
@@ -187,7 +191,7 @@ def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1))
     # first-time accuracy: the eval-format question, all value tokens argmax-correct (teacher forced ==
     # greedy exact match of the answer)
     with torch.no_grad():
-        pred = logits.argmax(-1)
+        pred = logits.argmax(-1).cpu()
         correct, k = [], 0
         for p in packed:
             ok = bool((pred[k: k + len(p["first"])] == torch.tensor([t for _, t in p["first"]])).all())
@@ -203,7 +207,7 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
     tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words)
-    model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta, args.kv_heads)
+    model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta, args.kv_heads).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     if args.init_only:
         export(model, tok, args.out)
@@ -216,7 +220,7 @@ def main(argv=None):
     state_path = os.path.join(args.run_dir, "state.pt")
     st = {"step": 0, "stage": 0, "stage_start": 0, "elapsed": 0.0, "acc": {}, "history": []}
     if os.path.exists(state_path):
-        ck = torch.load(state_path, weights_only=False)
+        ck = torch.load(state_path, weights_only=False, map_location="cpu")  # loads into the model's device
         if grow_kv_heads(ck["model"], ck["opt"], model):
             print(f"grew the checkpoint to {args.kv_heads} KV heads (same outputs; copies train apart)", flush=True)
         model.load_state_dict(ck["model"])
@@ -273,7 +277,8 @@ def main(argv=None):
             print(f"step {st['step']}: validation at {hi} tokens (seed {VALID_SEED}, 16 each): {val}", flush=True)
         if st["step"] % args.save_every == 0:
             st["elapsed"] = time.time() - t_start
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "st": st}, state_path + ".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "st": st},
+                       state_path + ".tmp")
             os.replace(state_path + ".tmp", state_path)
             export(model, tok, os.path.join(args.run_dir, "hf_latest"), {**st, "source": source})
     st["elapsed"] = time.time() - t_start

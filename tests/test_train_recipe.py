@@ -94,3 +94,27 @@ def test_learning_rate_warms_up_then_decays_at_the_end():
         assert recipe.learning_rate(st, 1e-3, 1000, 200) == pytest.approx(expected, rel=1e-6), step
     st["step"] = 999
     assert recipe.learning_rate(st, 1e-3, 1000, 0) == pytest.approx(1e-3)  # no decay by default
+
+
+def _log(run_dir):
+    import json
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [{k: r[k] for k in ("step", "loss", "ce", "l0", "l1", "len")} for r in map(json.loads, f)]
+
+
+def test_a_resumed_run_continues_the_same_trajectory(tmp_path):
+    """The committed checkpoint was made by resuming runs: stopping and rerunning must change nothing."""
+    common = ["--device", "cpu", "--threads", "1", "--tokens_per_step", "700", "--save_every", "2",
+              "--valid_every", "1000", "--copy_heads", "0,4"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    recipe.main(common + ["--max_steps", "4", "--run_dir", straight, "--out", straight + "/out"])
+    recipe.main(common + ["--max_steps", "2", "--run_dir", resumed, "--out", resumed + "/out2"])
+    recipe.main(common + ["--max_steps", "4", "--run_dir", resumed, "--out", resumed + "/out"])
+    assert [r["step"] for r in _log(resumed)] == [1, 2, 3, 4]
+    assert _log(resumed) == _log(straight)
+    a = torch.load(os.path.join(straight, "state.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(resumed, "state.pt"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"],
+                           recipe.build_model(recipe.build_tokenizer(seed=0), 0, 1.0, 1e4).state_dict()[
+                               "model.layers.0.self_attn.q_proj.weight"])  # it did train

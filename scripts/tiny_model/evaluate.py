@@ -18,7 +18,7 @@ def evaluate(model, tok, sampler, task: str, length: int, n: int = 100, seed: in
     scores = []
     for start in range(0, n, batch_size):
         samples = [sampler(task, tok, length, i, seed) for i in range(start, min(n, start + batch_size))]
-        enc = tok([s["input"] for s in samples], return_tensors="pt", padding=True)
+        enc = tok([s["input"] for s in samples], return_tensors="pt", padding=True).to(model.device)
         ctx = contextlib.nullcontext()
         if method is not None:
             import pyramidkv

@@ -30,16 +30,17 @@ def head_loss(layer: int, head: int, rows: list[tuple[int, int, list[int]]], sca
     """-log(attention mass on the target positions), averaged over rows (batch, query_pos, targets)."""
     q_all, k_all = CAPTURED[layer]
     group = q_all.shape[1] // k_all.shape[1]
-    b = torch.tensor([r[0] for r in rows])
-    p = torch.tensor([r[1] for r in rows])
+    b = torch.tensor([r[0] for r in rows], device=q_all.device)
+    p = torch.tensor([r[1] for r in rows], device=q_all.device)
     # one (B, L, L) score matrix for the head, then the supervised rows: cheaper than per-row key copies
     scores = torch.matmul(q_all[:, head], k_all[:, head // group].transpose(-1, -2))
     logits = scores[b, p].float() * scaling                 # (N, L)
     L = logits.shape[1]
-    cols = torch.arange(L)
+    cols = torch.arange(L, device=q_all.device)
     logits = logits.masked_fill(cols[None, :] > p[:, None], float("-inf"))
     target = torch.zeros(len(rows), L, dtype=torch.bool)
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows):  # filled on the CPU: per-row writes to a GPU tensor are one launch each
         target[i, r[2]] = True
+    target = target.to(q_all.device)
     on_target = logits.masked_fill(~target, float("-inf")).logsumexp(-1)
     return (logits.logsumexp(-1) - on_target).mean()
