@@ -92,6 +92,10 @@ def parse_args(argv=None):
                     help="decay the learning rate linearly to 10%% over the last N steps before --max_steps")
     ap.add_argument("--kv_heads", type=int, default=2, choices=[1, 2, 4, 8],
                     help="KV heads per layer (8 query heads); resuming a run saved with fewer grows it")
+    ap.add_argument("--head_dim", type=int, default=32,
+                    help="per-head width; hidden = 8 x head_dim, MLP = 2 x hidden (wider keys tell more needles apart)")
+    ap.add_argument("--layers", type=int, default=2,
+                    help="decoder layers (>= 2; supervision stays on layers 0 and 1)")
     ap.add_argument("--copy_heads", type=_heads, default=[0],
                     help="layer-1 heads supervised to copy the queried needle's value, e.g. 0,4 (default 0)")
     ap.add_argument("--bind_heads", type=_heads, default=[0, 1],
@@ -104,16 +108,21 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (faster per step on CPU)")
     ap.add_argument("--init_only", action="store_true", help="save tokenizer + untrained model and exit")
     args = ap.parse_args(argv)
+    if args.layers < 2 or args.head_dim < 2 or args.head_dim % 2:
+        ap.error(f"--layers {args.layers} --head_dim {args.head_dim}: need layers >= 2 (supervision uses layers 0 "
+                 "and 1) and an even head_dim (RoPE pairs)")
     if len(args.bind_heads) % 2:
         ap.error(f"--bind_heads {args.bind_heads}: give pairs (first-word head, last-word head), e.g. 0,1,4,5")
     return args
 
 
-def build_model(tok, seed: int, shared_embedding: float, rope_theta: float, kv_heads: int = 2):
+def build_model(tok, seed: int, shared_embedding: float, rope_theta: float, kv_heads: int = 2,
+                head_dim: int = 32, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=32,
+    hidden = 8 * head_dim  # 8 query heads
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=head_dim,
                       max_position_embeddings=8192,
                       rope_theta=rope_theta, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -207,7 +216,8 @@ def main(argv=None):
     random.seed(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
     tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words)
-    model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta, args.kv_heads).to(args.device)
+    model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta, args.kv_heads,
+                        args.head_dim, args.layers).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     if args.init_only:
         export(model, tok, args.out)

@@ -118,3 +118,19 @@ def test_a_resumed_run_continues_the_same_trajectory(tmp_path):
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"],
                            recipe.build_model(recipe.build_tokenizer(seed=0), 0, 1.0, 1e4).state_dict()[
                                "model.layers.0.self_attn.q_proj.weight"])  # it did train
+
+
+def test_a_wider_deeper_model_trains_with_the_same_supervision(capsys):
+    tok = recipe.build_tokenizer(seed=0)
+    model = recipe.build_model(tok, 0, 1.0, 1e4, head_dim=16, layers=3)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.head_dim) == (128, 3, 16)
+    supervision.install(model)
+    sampler, _ = get_sampler()
+    batch = recipe.make_batch(tok, sampler, 0, (300, 300, 0), random.Random(0), 600, {"niah_multikey_2": 1.0})
+    model.train()
+    loss, parts, _ = recipe.train_step(model, batch, model.config.head_dim ** -0.5, copy_heads=[0, 4])
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--layers", "1"])
+    assert "--layers 1" in capsys.readouterr().err
