@@ -150,6 +150,9 @@ def export(model, tok, path: str, card_extra: dict | None = None):
     model.set_attn_implementation("sdpa")
     model.save_pretrained(path)
     model.set_attn_implementation(impl)
+    # in-training evaluation pads batches, which leaves padding switched on in the backend tokenizer and
+    # would be written into tokenizer.json; the saved file must not depend on whether an eval ran
+    tok.backend_tokenizer.no_padding()
     tok.save_pretrained(path)
     if card_extra is not None:
         json.dump(card_extra, open(os.path.join(path, "training_state.json"), "w"), indent=1)

@@ -134,3 +134,16 @@ def test_a_wider_deeper_model_trains_with_the_same_supervision(capsys):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--layers", "1"])
     assert "--layers 1" in capsys.readouterr().err
+
+
+def test_the_saved_tokenizer_does_not_depend_on_use(tmp_path):
+    """Padding a batch before export must not change the exported tokenizer files."""
+    tok = recipe.build_tokenizer(seed=0)
+    model = recipe.build_model(tok, 0, 1.0, 1e4)
+    recipe.export(model, tok, str(tmp_path / "fresh"))
+    tok(["a b", "a b c d e"], padding=True)
+    recipe.export(model, tok, str(tmp_path / "used"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "fresh" / name).read_bytes() == (tmp_path / "used" / name).read_bytes(), name
+    with open(os.path.join(CKPT, "tokenizer.json"), "rb") as f:
+        assert f.read() == (tmp_path / "fresh" / "tokenizer.json").read_bytes()  # same as the committed one
