@@ -101,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--bind_heads", type=_heads, default=[0, 1],
                     help="layer-0 head pairs (first word, last word) supervised to bind a needle's key to its "
                          "value, e.g. 0,1,4,5 (default 0,1)")
+    ap.add_argument("--prev_heads", type=_heads, default=[],
+                    help="layer-0 heads supervised to attend from each needle value token to the token before "
+                         "it (the digit an answer has just emitted), e.g. 4 (default none)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
@@ -182,7 +185,7 @@ def learning_rate(st: dict, stage_lr: float, max_steps: int, decay_steps: int) -
     return stage_lr * warm * (1.0 - 0.9 * min(1.0, into_decay))
 
 
-def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1)):
+def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1), prev_heads=()):
     tasks, packed, ids = batch
     device = model.lm_head.weight.device
     hidden = model.model(input_ids=ids.to(device)).last_hidden_state
@@ -200,6 +203,12 @@ def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1))
     l1 = (sum(supervision.head_loss(1, h, l1_rows, scaling) for h in copy_heads) / len(copy_heads)
           if l1_rows else torch.zeros(()))
     loss = ce + 1.0 * l0 + 0.3 * l1
+    parts = {"ce": ce.item(), "l0": l0.item(), "l1": float(l1.detach())}
+    if prev_heads:
+        prev_rows = [(b, q, [q - 1]) for b, p in enumerate(packed) for q in p["val_pos"]]
+        lp = sum(supervision.head_loss(0, h, prev_rows, scaling) for h in prev_heads) / len(prev_heads)
+        loss = loss + 1.0 * lp
+        parts["lp"] = lp.item()
     # first-time accuracy: the eval-format question, all value tokens argmax-correct (teacher forced ==
     # greedy exact match of the answer)
     with torch.no_grad():
@@ -210,7 +219,7 @@ def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1))
             correct.append(ok)
             k += len(p["targets"])
     supervision.CAPTURED.clear()
-    return loss, {"ce": ce.item(), "l0": l0.item(), "l1": float(l1.detach())}, correct
+    return loss, parts, correct
 
 
 def main(argv=None):
@@ -258,7 +267,8 @@ def main(argv=None):
         batch = make_batch(tok, sampler, st["step"], stage, rng, args.tokens_per_step, args.task_mix)
         for g in opt.param_groups:
             g["lr"] = learning_rate(st, stage[2], args.max_steps, args.decay_steps)
-        loss, parts, correct = train_step(compiled, batch, scaling, args.copy_heads, args.bind_heads)
+        loss, parts, correct = train_step(compiled, batch, scaling, args.copy_heads, args.bind_heads,
+                                          args.prev_heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

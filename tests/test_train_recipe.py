@@ -147,3 +147,36 @@ def test_the_saved_tokenizer_does_not_depend_on_use(tmp_path):
         assert (tmp_path / "fresh" / name).read_bytes() == (tmp_path / "used" / name).read_bytes(), name
     with open(os.path.join(CKPT, "tokenizer.json"), "rb") as f:
         assert f.read() == (tmp_path / "fresh" / "tokenizer.json").read_bytes()  # same as the committed one
+
+
+def test_previous_token_supervision_trains_the_named_head():
+    """--prev_heads: from every needle value digit to the token before it (the digit an answer just emitted)."""
+    torch.manual_seed(0)
+    tok = recipe.build_tokenizer(seed=0)
+    model = recipe.build_model(tok, seed=0, shared_embedding=1.0, rope_theta=10000.0)
+    supervision.install(model)
+    sampler, _ = get_sampler()
+    batch = recipe.make_batch(tok, sampler, 0, (300, 300, 0), random.Random(0), 600, {"niah_multikey_2": 1.0})
+    ids, packed = batch[2], batch[1]
+    digits = {tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    assert packed[0]["val_pos"] and all(int(ids[0, q]) in digits for q in packed[0]["val_pos"])
+    rows = [(b, q, [q - 1]) for b, p in enumerate(packed) for q in p["val_pos"]]
+    scaling = model.config.head_dim ** -0.5
+    model.train()
+
+    def head6_prev_loss():
+        with torch.no_grad():
+            model.model(input_ids=ids)
+            loss = supervision.head_loss(0, 6, rows, scaling).item()
+        supervision.CAPTURED.clear()
+        return loss
+
+    before = head6_prev_loss()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(10):
+        loss, parts, _ = recipe.train_step(model, batch, scaling, copy_heads=[0], prev_heads=[6])
+        assert set(parts) == {"ce", "l0", "l1", "lp"}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert head6_prev_loss() < 0.5 * before, before

@@ -6,7 +6,8 @@ Supervision (DESIGN §5, probe 2): we know where every needle is, so two heads a
   last group) — the needle's own key; for answers, the query key's last mention (answer prefix).
   Two heads on the two words, not one on the whole key: one head on the whole key settled on the "-"
   shared by every key, which says nothing about which key it is (multi-key accuracy stalled at ~0.3);
-- layer 1, head 0: from the position that predicts answer token m to value token m of the queried needle.
+- layer 1, head 0: from the position that predicts answer token m to value token m of the queried needle;
+- optionally (`--prev_heads`) layer-0 heads from every value token to the token before it.
 This spells out the induction-style circuit (key binding, then key-matched copy) the model must form.
 """
 from __future__ import annotations
@@ -100,4 +101,7 @@ def pack_sample(sample: dict, tok, rng: random.Random, max_questions: int = 8) -
         targets += b_t
         l0 += b0
         l1 += b1
-    return {"ids": ids, "targets": targets, "first": first_answer, "l0": l0, "l1": l1}
+    # every needle's value tokens, for an optional previous-token head (a value digit's predecessor is the
+    # digit an answer has just emitted: matching it tells same-position digits of other needles apart)
+    val_pos = [q for n in needles for q in n["val_tok"]]
+    return {"ids": ids, "targets": targets, "first": first_answer, "l0": l0, "l1": l1, "val_pos": val_pos}
