@@ -101,6 +101,8 @@ def parse_args(argv=None):
     ap.add_argument("--bind_heads", type=_heads, default=[0, 1],
                     help="layer-0 head pairs (first word, last word) supervised to bind a needle's key to its "
                          "value, e.g. 0,1,4,5 (default 0,1)")
+    ap.add_argument("--copy_weight", type=float, default=0.3,
+                    help="weight of the layer-1 copy supervision loss (default 0.3)")
     ap.add_argument("--prev_heads", type=_heads, default=[],
                     help="layer-0 heads supervised to attend from each needle value token to the token before "
                          "it (the digit an answer has just emitted), e.g. 4 (default none)")
@@ -185,7 +187,7 @@ def learning_rate(st: dict, stage_lr: float, max_steps: int, decay_steps: int) -
     return stage_lr * warm * (1.0 - 0.9 * min(1.0, into_decay))
 
 
-def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1), prev_heads=()):
+def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1), prev_heads=(), copy_weight=0.3):
     tasks, packed, ids = batch
     device = model.lm_head.weight.device
     hidden = model.model(input_ids=ids.to(device)).last_hidden_state
@@ -202,7 +204,7 @@ def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1),
     l1_rows = [(b, q, t) for b, p in enumerate(packed) for q, t in p["l1"]]
     l1 = (sum(supervision.head_loss(1, h, l1_rows, scaling) for h in copy_heads) / len(copy_heads)
           if l1_rows else torch.zeros(()))
-    loss = ce + 1.0 * l0 + 0.3 * l1
+    loss = ce + 1.0 * l0 + copy_weight * l1
     parts = {"ce": ce.item(), "l0": l0.item(), "l1": float(l1.detach())}
     if prev_heads:
         prev_rows = [(b, q, [q - 1]) for b, p in enumerate(packed) for q in p["val_pos"]]
@@ -268,7 +270,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = learning_rate(st, stage[2], args.max_steps, args.decay_steps)
         loss, parts, correct = train_step(compiled, batch, scaling, args.copy_heads, args.bind_heads,
-                                          args.prev_heads)
+                                          args.prev_heads, args.copy_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
