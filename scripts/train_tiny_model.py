@@ -187,6 +187,11 @@ def learning_rate(st: dict, stage_lr: float, max_steps: int, decay_steps: int) -
     return stage_lr * warm * (1.0 - 0.9 * min(1.0, into_decay))
 
 
+def prev_token_rows(packed) -> list:
+    """Supervision rows (batch, value-token position, [the position before it]) for --prev_heads."""
+    return [(b, q, [q - 1]) for b, p in enumerate(packed) for q in p["val_pos"]]
+
+
 def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1), prev_heads=(), copy_weight=0.3):
     tasks, packed, ids = batch
     device = model.lm_head.weight.device
@@ -207,8 +212,7 @@ def train_step(model, batch, scaling: float, copy_heads=(0,), bind_heads=(0, 1),
     loss = ce + 1.0 * l0 + copy_weight * l1
     parts = {"ce": ce.item(), "l0": l0.item(), "l1": float(l1.detach())}
     if prev_heads:
-        prev_rows = [(b, q, [q - 1]) for b, p in enumerate(packed) for q in p["val_pos"]]
-        lp = sum(supervision.head_loss(0, h, prev_rows, scaling) for h in prev_heads) / len(prev_heads)
+        lp = sum(supervision.head_loss(0, h, prev_token_rows(packed), scaling) for h in prev_heads) / len(prev_heads)
         loss = loss + 1.0 * lp
         parts["lp"] = lp.item()
     # first-time accuracy: the eval-format question, all value tokens argmax-correct (teacher forced ==
@@ -302,8 +306,7 @@ def main(argv=None):
             print(f"step {st['step']}: validation at {hi} tokens (seed {VALID_SEED}, 16 each): {val}", flush=True)
         if st["step"] % args.save_every == 0:
             st["elapsed"] = time.time() - t_start
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "st": st},
-                       state_path + ".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "st": st}, state_path + ".tmp")
             os.replace(state_path + ".tmp", state_path)
             export(model, tok, os.path.join(args.run_dir, "hf_latest"), {**st, "source": source})
     st["elapsed"] = time.time() - t_start

@@ -24,6 +24,15 @@ def test_bad_head_flags_are_rejected(flag, value, capsys):
     assert value.split(",")[-1] in capsys.readouterr().err
 
 
+def _head_loss(model, ids, layer, head, rows, scaling) -> float:
+    """One head's supervision loss on `rows`, without training (a forward pass fills the captured q/k)."""
+    with torch.no_grad():
+        model.model(input_ids=ids)
+        loss = supervision.head_loss(layer, head, rows, scaling).item()
+    supervision.CAPTURED.clear()
+    return loss
+
+
 def test_supervision_trains_the_named_heads():
     from transformers import AutoTokenizer
     torch.manual_seed(0)
@@ -36,15 +45,8 @@ def test_supervision_trains_the_named_heads():
     scaling = model.config.head_dim ** -0.5
     model.train()
 
-    def head4_copy_loss():
-        rows = [(b, q, t) for b, p in enumerate(batch[1]) for q, t in p["l1"]]
-        with torch.no_grad():
-            model.model(input_ids=batch[2])  # fills the captured q/k
-            loss = supervision.head_loss(1, 4, rows, scaling).item()
-        supervision.CAPTURED.clear()
-        return loss
-
-    before = head4_copy_loss()
+    copy_rows = [(b, q, t) for b, p in enumerate(batch[1]) for q, t in p["l1"]]
+    before = _head_loss(model, batch[2], 1, 4, copy_rows, scaling)
     # trained without head 4 in copy_heads: its loss is not a target; with it, it must fall
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(15):
@@ -53,7 +55,7 @@ def test_supervision_trains_the_named_heads():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = head4_copy_loss()
+    after = _head_loss(model, batch[2], 1, 4, copy_rows, scaling)
     assert after < 0.7 * before, (before, after)
 
 
@@ -160,18 +162,11 @@ def test_previous_token_supervision_trains_the_named_head():
     ids, packed = batch[2], batch[1]
     digits = {tok.convert_tokens_to_ids(str(d)) for d in range(10)}
     assert packed[0]["val_pos"] and all(int(ids[0, q]) in digits for q in packed[0]["val_pos"])
-    rows = [(b, q, [q - 1]) for b, p in enumerate(packed) for q in p["val_pos"]]
+    rows = recipe.prev_token_rows(packed)
+    assert rows and all(t == [q - 1] for _, q, t in rows)
     scaling = model.config.head_dim ** -0.5
     model.train()
-
-    def head6_prev_loss():
-        with torch.no_grad():
-            model.model(input_ids=ids)
-            loss = supervision.head_loss(0, 6, rows, scaling).item()
-        supervision.CAPTURED.clear()
-        return loss
-
-    before = head6_prev_loss()
+    before = _head_loss(model, ids, 0, 6, rows, scaling)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(10):
         loss, parts, _ = recipe.train_step(model, batch, scaling, copy_heads=[0], prev_heads=[6])
@@ -179,4 +174,4 @@ def test_previous_token_supervision_trains_the_named_head():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert head6_prev_loss() < 0.5 * before, before
+    assert _head_loss(model, ids, 0, 6, rows, scaling) < 0.5 * before, before
