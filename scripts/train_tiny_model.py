@@ -84,6 +84,8 @@ def parse_args(argv=None):
                     help="TASK=WEIGHT,... sampling weights of the training tasks (default: the recipe's TASK_MIX)")
     ap.add_argument("--whole_key_words", action="store_true",
                     help="make every RULER key word one token (measured worse: see MODEL_CARD.md)")
+    ap.add_argument("--digits_per_token", type=int, default=1, choices=[1, 2, 3],
+                    help="digits per number token, grouped from the left (3 = Llama-3's rule; default 1)")
     ap.add_argument("--shared_embedding", type=float, default=1.0,
                     help="std of one shared random vector added to every frozen input embedding (0 = none)")
     ap.add_argument("--rope_theta", type=float, default=10000.0,
@@ -105,7 +107,7 @@ def parse_args(argv=None):
                     help="weight of the layer-1 copy supervision loss (default 0.3)")
     ap.add_argument("--prev_heads", type=_heads, default=[],
                     help="layer-0 heads supervised to attend from each needle value token to the token before "
-                         "it (the digit an answer has just emitted), e.g. 4 (default none)")
+                         "it (the digit group an answer has just emitted), e.g. 4 (default none)")
     ap.add_argument("--gate", type=float, default=0.8, help="first-answer accuracy on all target tasks to advance")
     ap.add_argument("--min_stage_steps", type=int, default=150)
     ap.add_argument("--save_every", type=int, default=100)
@@ -233,7 +235,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
-    tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words)
+    tok = build_tokenizer(seed=args.seed, whole_key_words=args.whole_key_words,
+                          digits_per_token=args.digits_per_token)
     model = build_model(tok, args.seed, args.shared_embedding, args.rope_theta, args.kv_heads,
                         args.head_dim, args.layers).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -56,3 +56,20 @@ def test_supervision_targets_are_the_needle_keys(tok):
     # the eval-format answer is the queried needle's value, digit by digit
     answer = "".join(tok.convert_ids_to_tokens(t) for _, t in packed["first"]).replace("Ġ", "")
     assert answer == sample["outputs"][0]
+
+
+def test_three_digit_groups_are_single_tokens_and_copy_token_for_token():
+    tok3, tok1 = build_tokenizer(digits_per_token=3), build_tokenizer()
+    assert len(tok3) == len(tok1) + 1100  # every 2- and 3-digit string, nothing else changed
+    assert tok3.tokenize("is: 1234567. 42 7") == tok1.tokenize("is:")[:2] + ["Ġ", "123", "456", "7", ".",
+                                                                           "Ġ", "42", "Ġ", "7"]
+    words = "The grass is green. reflective-compulsion"
+    assert tok3.tokenize(words) == tok1.tokenize(words)  # word merges are the 1-digit tokenizer's
+    # a value in the haystack and the same value in an answer are the same tokens
+    text = "One of the special magic numbers for spooky-cot is: 9033500. The answer is 9033500"
+    ids = tok3(text).input_ids
+    first = ids.index(tok3.convert_tokens_to_ids("903"))
+    assert ids[-3:] == ids[first:first + 3] == tok3.convert_tokens_to_ids(["903", "350", "0"])
+    assert tok3.decode(ids, skip_special_tokens=True) == text
+    with pytest.raises(ValueError, match="digits_per_token=0"):
+        build_tokenizer(digits_per_token=0)

@@ -1,15 +1,16 @@
-"""Build the tiny model's tokenizer: a byte-level BPE with single-digit tokens.
+"""Build the tiny model's tokenizer: a byte-level BPE whose numbers split into fixed digit groups.
 
 Byte-level means every UTF-8 string is encodable (no unknown characters, no crash on odd text).
-Digits are always split one per token so that numbers in the haystack and in the answer tokenize
-identically (the copy the model must learn is token-for-token).
+Numbers are split into groups of up to `digits_per_token` digits from the left (1: one digit per token;
+3: Llama-3's `\p{N}{1,3}` rule), every group being one token, so that numbers in the haystack and in the
+answer tokenize identically (the copy the model must learn is token-for-token).
 """
 from __future__ import annotations
 
 import os
 import random
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Prompts are used raw (RULER "base" template). The chat template only concatenates the messages, so a
@@ -57,8 +58,22 @@ def key_words() -> list[str]:
     return sorted({w for w in lists["adjective"] + lists["noun"] if w.isalpha() and w.isascii()})
 
 
-def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool = False):
+def digit_groups(digits_per_token: int) -> list[str]:
+    """Every digit string of 2..digits_per_token digits: each must be one token."""
+    from itertools import product
+    return ["".join(p) for n in range(2, digits_per_token + 1) for p in product("0123456789", repeat=n)]
+
+
+def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool = False,
+                    digits_per_token: int = 1):
     """Train the BPE and wrap it as a transformers fast tokenizer (BOS prepended, EOS appended never).
+
+    digits_per_token > 1: numbers split into groups of that many digits from the left (the last group
+    shorter), each group one token; the vocabulary grows by one entry per group string, so the word merges
+    are those of the 1-digit tokenizer. Why: with one digit per token the copy of a 7-digit value must
+    re-find the queried needle at every digit among ~28 needles' same-position digits (MODEL_CARD history);
+    with 3-digit tokens a value is 3 tokens and the token after the previous group is almost always unique
+    in the prompt, which an induction (previous-token) copy can use.
 
     whole_key_words (off in the recipe): every key word is one token (an added token that only matches a
     whole word, so "cat" stays inside "concatenate"). With the 2 048-entry BPE alone a key like
@@ -70,15 +85,23 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    if digits_per_token < 1:
+        raise ValueError(f"digits_per_token={digits_per_token}: must be >= 1")
+    digits = (pre_tokenizers.Digits(individual_digits=True) if digits_per_token == 1 else
+              pre_tokenizers.Split(Regex(rf"\d{{1,{digits_per_token}}}"), behavior="isolated"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+        digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
+    groups = digit_groups(digits_per_token)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD], show_progress=False,
+        vocab_size=vocab_size + len(groups), special_tokens=[BOS, EOS, PAD], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(training_corpus(seed), trainer=trainer)
+    # each group repeated far more often than the rarest word merge, so all groups are merged first-class
+    corpus = training_corpus(seed) + ([" ".join(groups * 200)] if groups else [])
+    tok.train_from_iterator(corpus, trainer=trainer)
+    split = [g for g in groups if len(tok.encode(g).ids) != 1]
+    if split:
+        raise RuntimeError(f"{len(split)} digit groups are not single tokens, e.g. {split[:3]}")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
