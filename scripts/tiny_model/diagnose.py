@@ -4,10 +4,10 @@
   errors          greedy answers of the first question, wrong ones classified: copy error (the right
                   needle's value with some digits replaced) or wrong needle (another needle's value,
                   and whether its key shares the asked key's first/last word)
-  copy_attention  teacher-forced: for each answer digit, the attention mass a layer-1 head puts on the
-                  right digit vs on the same-position digits of the other needles, split by whether the
-                  model predicted that digit correctly
-  key_norms       mean rank (1 = lowest) of the needle digits' key L2 norms, per layer and KV head —
+  copy_attention  teacher-forced: for each answer value token (a digit or digit group), the attention
+                  mass a layer-1 head puts on the right token vs on the same-position tokens of the
+                  other needles, split by whether the model predicted that token correctly
+  key_norms       mean rank (1 = lowest) of the needle value tokens' key L2 norms, per layer and KV head —
                   what a lowest-norm eviction rule (KnormPress / L2Norm) keys on
 
 Examples:
@@ -65,7 +65,7 @@ def errors(model, tok, samples) -> dict:
 
 
 def copy_attention(model, tok, samples, heads: list[int]) -> dict:
-    """{(head, "right"|"wrong"): (digits, mean mass on the right digit, mean mass on other needles' digits)}"""
+    """{(head, "right"|"wrong"): (tokens, mean mass on the right token, mean mass on other needles' tokens)}"""
     sums: dict = {}
     for s in samples:
         packed = pack_sample(s, tok, random.Random(0), max_questions=1)
@@ -73,8 +73,8 @@ def copy_attention(model, tok, samples, heads: list[int]) -> dict:
         right = next(pos for _, v, pos in needles if v == s["outputs"][0])
         with torch.no_grad():
             out = model(torch.tensor([packed["ids"]]), output_attentions=True)
-        digits = packed["first"][1:]  # the first answer token is the space before the number
-        for m, (pos, target) in enumerate(digits):
+        value_tokens = packed["first"][1:]  # the first answer token is the space before the number
+        for m, (pos, target) in enumerate(value_tokens):
             ok = out.logits[0, pos].argmax().item() == target
             for h in heads:
                 att = out.attentions[1][0, h, pos]
@@ -87,7 +87,7 @@ def copy_attention(model, tok, samples, heads: list[int]) -> dict:
 
 
 def key_norms(model, tok, samples) -> dict:
-    """{(layer, KV head): (mean key-norm rank of the needle digits, 1 = lowest; mean prompt tokens)}"""
+    """{(layer, KV head): (mean key-norm rank of the needle value tokens, 1 = lowest; mean prompt tokens)}"""
     ranks: dict = {}
     n_tokens = []
     for s in samples:
@@ -127,11 +127,11 @@ def main(argv=None):
             print(f"{kind}: {count}")
     elif args.what == "copy_attention":
         for (h, outcome), (n, right, others) in copy_attention(model, tok, samples, args.heads).items():
-            print(f"head {h}, digit predicted {outcome}: {n} digits; mass on the right digit {right:.2f}, "
-                  f"on the other needles' same-position digits {others:.2f}")
+            print(f"head {h}, value token predicted {outcome}: {n} tokens; mass on the right token {right:.2f}, "
+                  f"on the other needles' same-position tokens {others:.2f}")
     else:
         for (layer, h), (rank, n_tokens) in key_norms(model, tok, samples).items():
-            print(f"layer {layer}, KV head {h}: needle digits' key-norm rank {rank:.0f} (1 = lowest) "
+            print(f"layer {layer}, KV head {h}: needle value tokens' key-norm rank {rank:.0f} (1 = lowest) "
                   f"of ~{n_tokens:.0f} tokens")
 
 
