@@ -84,8 +84,9 @@ def parse_args(argv=None):
                     help="TASK=WEIGHT,... sampling weights of the training tasks (default: the recipe's TASK_MIX)")
     ap.add_argument("--whole_key_words", action="store_true",
                     help="make every RULER key word one token (measured worse: see MODEL_CARD.md)")
-    ap.add_argument("--digits_per_token", type=int, default=1, choices=[1, 2, 3],
-                    help="digits per number token, grouped from the left (3 = Llama-3's rule; default 1)")
+    ap.add_argument("--digits_per_token", type=int, default=2, choices=[1, 2, 3],
+                    help="digits per number token, grouped from the left (3 = Llama-3's rule; default 2, the "
+                         "committed checkpoint's; 1 = the earlier checkpoints')")
     ap.add_argument("--shared_embedding", type=float, default=1.0,
                     help="std of one shared random vector added to every frozen input embedding (0 = none)")
     ap.add_argument("--rope_theta", type=float, default=10000.0,

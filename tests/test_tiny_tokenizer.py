@@ -59,7 +59,7 @@ def test_supervision_targets_are_the_needle_keys(tok):
 
 
 def test_three_digit_groups_are_single_tokens_and_copy_token_for_token():
-    tok3, tok1 = build_tokenizer(digits_per_token=3), build_tokenizer()
+    tok3, tok1 = build_tokenizer(digits_per_token=3), build_tokenizer(digits_per_token=1)
     assert len(tok3) == len(tok1) + 1100  # every 2- and 3-digit string, nothing else changed
     assert tok3.tokenize("is: 1234567. 42 7") == tok1.tokenize("is:")[:2] + ["Ġ", "123", "456", "7", ".",
                                                                            "Ġ", "42", "Ġ", "7"]

@@ -2,8 +2,8 @@
 
 Byte-level means every UTF-8 string is encodable (no unknown characters, no crash on odd text).
 Numbers are split into groups of up to `digits_per_token` digits from the left (1: one digit per token;
-3: Llama-3's `\p{N}{1,3}` rule), every group being one token, so that numbers in the haystack and in the
-answer tokenize identically (the copy the model must learn is token-for-token).
+2: the embedded checkpoint's; 3: Llama-3's `\\p{N}{1,3}` rule), every group one token, so that numbers in
+the haystack and in the answer tokenize identically (the copy the model must learn is token-for-token).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def digit_groups(digits_per_token: int) -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool = False,
-                    digits_per_token: int = 1):
+                    digits_per_token: int = 2):
     """Train the BPE and wrap it as a transformers fast tokenizer (BOS prepended, EOS appended never).
 
     digits_per_token > 1: numbers split into groups of that many digits from the left (the last group
