@@ -220,6 +220,7 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         },
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
         "protocol": extra,
+        "model_fingerprint": model_fingerprint(args.model_path),
     }
     lock = os.open(directory, os.O_RDONLY)  # concurrent runs of different methods share this file
     try:
@@ -228,6 +229,12 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 meta = json.load(f)
+        # a rerun skips finished ids, which is only right if they were predicted by this same checkpoint
+        other = sorted({e.get("model_fingerprint") for e in meta.values()} - {None, entry["model_fingerprint"]})
+        if other and entry["model_fingerprint"]:
+            raise CLIError(f"{directory} holds results of another checkpoint named like {args.model_path} "
+                           f"(fingerprint {other[0]}, now {entry['model_fingerprint']}): pass another --save_dir "
+                           "or remove that directory")
         previous = meta.get(args.method)
         if previous is not None:
             entry["previous_runs"] = previous.pop("previous_runs", []) + [previous]
@@ -238,6 +245,22 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         os.replace(tmp, path)
     finally:
         os.close(lock)  # closing releases the lock
+
+
+def model_fingerprint(model_path: str) -> str | None:
+    """Short sha256 of a local checkpoint's config.json and weight files (name, size, first MiB); None for
+    a hub id (not resolvable offline). Cheap enough for multi-GB checkpoints."""
+    import hashlib
+    if not os.path.isdir(model_path):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_path)):
+        if name == "config.json" or name.endswith((".safetensors", ".bin")):
+            path = os.path.join(model_path, name)
+            digest.update(f"{name}:{os.path.getsize(path)}:".encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def _git_commit() -> str | None:

@@ -71,6 +71,20 @@ def test_write_run_meta_keeps_each_method_and_history(tmp_path):
     assert os.listdir(tmp_path) == ["run_meta.json"]
 
 
+def test_results_of_another_checkpoint_are_not_resumed(tmp_path):
+    model_dir, out = tmp_path / "tiny", str(tmp_path / "results")
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"old weights")
+    args = parse(["--method", "SnapKV", "--model_path", str(model_dir)])
+    predict.write_run_meta(out, args, {})
+    predict.write_run_meta(out, parse(["--method", "H2O", "--model_path", str(model_dir)]), {})  # same model
+    (model_dir / "model.safetensors").write_bytes(b"new weights")  # retrained under the same name
+    with pytest.raises(predict.CLIError, match="results of another checkpoint.*another --save_dir"):
+        predict.write_run_meta(out, args, {})
+    assert set(json.load(open(os.path.join(out, "run_meta.json")))) == {"SnapKV", "H2O"}  # untouched
+
+
 def test_missing_model_and_flash_attention_errors(tmp_path):
     with pytest.raises(predict.CLIError, match="is not a directory"):
         predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path / "nope")]))
