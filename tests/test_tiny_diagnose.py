@@ -25,7 +25,7 @@ def setup():
 
 def test_copy_heads_attend_to_the_asked_needle(setup):
     model, tok, samples = setup
-    stats = diagnose.copy_attention(*setup, heads=[0, 4])
+    stats = diagnose.copy_attention(model, tok, samples, heads=[0, 4])
     n_tokens = sum(n for n, _, _ in stats.values())
     assert n_tokens == 2 * sum(len(tok.tokenize(s["outputs"][0])) for s in samples)  # two heads, every value token
     for head in (0, 4):

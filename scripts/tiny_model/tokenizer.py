@@ -72,8 +72,8 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool
     shorter), each group one token; the vocabulary grows by one entry per group string, so the word merges
     are those of the 1-digit tokenizer. Why: with one digit per token the copy of a 7-digit value must
     re-find the queried needle at every digit among ~28 needles' same-position digits (MODEL_CARD history);
-    with 3-digit tokens a value is 3 tokens and the token after the previous group is almost always unique
-    in the prompt, which an induction (previous-token) copy can use.
+    with pairs a value is 4 tokens and a wrong needle's attention mass spreads over up to 100 different
+    tokens instead of 10. Three-digit groups learned far slower (MODEL_CARD history).
 
     whole_key_words (off in the recipe): every key word is one token (an added token that only matches a
     whole word, so "cat" stays inside "concatenate"). With the 2 048-entry BPE alone a key like
@@ -84,9 +84,9 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0, whole_key_words: bool
     """
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
     if digits_per_token < 1:
         raise ValueError(f"digits_per_token={digits_per_token}: must be >= 1")
+    tok = Tokenizer(models.BPE())
     digits = (pre_tokenizers.Digits(individual_digits=True) if digits_per_token == 1 else
               pre_tokenizers.Split(Regex(rf"\d{{1,{digits_per_token}}}"), behavior="isolated"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
