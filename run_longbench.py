@@ -78,7 +78,7 @@ def main(argv=None) -> None:
 
     predict.set_seed(args.seed)
     model, tokenizer = predict.load_model_and_tokenizer(args)
-    max_length, max_length_source = lb.model_max_length(args.model_path, model.config, args.max_length)
+    max_length, max_length_source = lb.model_max_length(predict.model_name(args), model.config, args.max_length)
     config = predict.method_config(args)
     out_dir = os.path.join(args.save_dir, f"{predict.model_name(args)}_{args.max_capacity_prompts}")
     chat = predict.uses_chat_template(tokenizer, args.chat_template)

@@ -15,8 +15,11 @@ import os
 import platform
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL_PATH = os.path.join(REPO_ROOT, "ckpt", "pyramidkv-tiny-llama")
+from . import models
+
+REPO_ROOT = models.REPO_ROOT
+DEFAULT_MODEL = models.DEFAULT_MODEL  # short name of the real default model (SmolLM2-135M-Instruct)
+DEFAULT_MODEL_PATH = models.TINY_CHECKPOINT  # the embedded checkpoint (short name `tiny`)
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -38,8 +41,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default="FullKV",
                    help="compression method (case-insensitive): FullKV, SnapKV, PyramidKV, H2O, "
                         "StreamingLLM, L2Norm, ... (default: FullKV)")
-    g.add_argument("--model_path", default=DEFAULT_MODEL_PATH,
-                   help="local checkpoint dir or hub id (default: the embedded ckpt/pyramidkv-tiny-llama)")
+    g.add_argument("--model_path", default=DEFAULT_MODEL,
+                   help="short name (smollm2 = SmolLM2-135M-Instruct from the registry package; tiny = the "
+                        "embedded ckpt/pyramidkv-tiny-llama), a checkpoint dir, a .gguf file or an org/name "
+                        f"hub id (default: {DEFAULT_MODEL})")
     g.add_argument("--save_dir", default="results", help="root directory for predictions (default: results)")
     g.add_argument("--max_capacity_prompts", type=int, default=128,
                    help="KV entries kept per layer and KV head, window included (default: 128)")
@@ -94,9 +99,17 @@ def method_config(args) -> dict:
     return config
 
 
+def resolve_model(args) -> "models.ResolvedModel":
+    """The model --model_path names (one-line CLIError when it names nothing usable); no loading."""
+    try:
+        return models.resolve_model(args.model_path)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
 def model_name(args) -> str:
-    """Basename of --model_path, used in result directory names."""
-    return os.path.basename(os.path.normpath(args.model_path))
+    """The model's name in result directory names (SmolLM2-135M-Instruct, a checkpoint dir's basename)."""
+    return resolve_model(args).name
 
 
 def resolve_device(name: str) -> str:
@@ -115,21 +128,9 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def _looks_like_local_path(path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else (absolute, ./, ~, deeper) must be a directory.
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-
-
 def load_model_and_tokenizer(args):
     """Load the causal LM and its tokenizer, ready for left-padded greedy batches."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = args.model_path
-    if not os.path.isdir(path) and _looks_like_local_path(path):
-        if os.path.abspath(path) == DEFAULT_MODEL_PATH:
-            raise CLIError(f"the embedded checkpoint is missing at {DEFAULT_MODEL_PATH}; train it with "
-                           "scripts/train_tiny_model.py or pass --model_path <checkpoint dir or hub id>")
-        raise CLIError(f"model path {path!r} is not a directory; pass a checkpoint dir or a hub id")
+    resolved = resolve_model(args)
     if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise CLIError("--attn_implementation flash_attention_2 needs the flash-attn package "
                        "(pip install -e .[flash]); choose eager or sdpa instead")
@@ -142,13 +143,11 @@ def load_model_and_tokenizer(args):
         import torch
         torch.set_num_threads(threads)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=args.attn_implementation)
+        model, tokenizer = models.load_pretrained(
+            resolved, dtype, args.attn_implementation, log=lambda m: print(m, file=sys.stderr, flush=True))
     except OSError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"cannot load model {path!r} (not a local checkpoint dir and the hub failed): "
-                       f"{first_line}") from err
+        raise CLIError(f"cannot load model {args.model_path!r} ({resolved.describe()}): {first_line}") from err
     model.to(device).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -220,7 +219,8 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         },
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
         "protocol": extra,
-        "model_fingerprint": model_fingerprint(args.model_path),
+        "model": {"spec": args.model_path, "resolved": resolve_model(args).describe()},
+        "model_fingerprint": resolve_model(args).fingerprint(),
     }
     lock = os.open(directory, os.O_RDONLY)  # concurrent runs of different methods share this file
     try:
@@ -248,19 +248,9 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
 
 
 def model_fingerprint(model_path: str) -> str | None:
-    """Short sha256 of a local checkpoint's config.json and weight files (name, size, first MiB); None for
-    a hub id (not resolvable offline). Cheap enough for multi-GB checkpoints."""
-    import hashlib
-    if not os.path.isdir(model_path):
-        return None
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(model_path)):
-        if name == "config.json" or name.endswith((".safetensors", ".bin")):
-            path = os.path.join(model_path, name)
-            digest.update(f"{name}:{os.path.getsize(path)}:".encode())
-            with open(path, "rb") as f:
-                digest.update(f.read(1 << 20))
-    return digest.hexdigest()[:16]
+    """Short sha256 of a local checkpoint or GGUF file (see models.ResolvedModel.fingerprint); None for
+    a hub id."""
+    return models.resolve_model(model_path).fingerprint()
 
 
 def _git_commit() -> str | None:

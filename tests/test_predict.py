@@ -26,11 +26,12 @@ def parse(argv):
 def test_defaults_and_method_config():
     args = parse([])
     assert args.method == "FullKV" and args.max_capacity_prompts == 128 and args.attn_implementation == "sdpa"
-    assert args.model_path == predict.DEFAULT_MODEL_PATH and os.path.isabs(args.model_path)
+    assert args.model_path == predict.DEFAULT_MODEL == "smollm2"
     assert predict.method_config(args) == {"max_capacity_prompt": 128, "window_size": 8, "kernel_size": 7,
                                            "pooling": "maxpool"}
     assert predict.method_config(parse(["--beta", "10"]))["beta"] == 10
-    assert predict.model_name(parse(["--model_path", "/x/Llama-3-8B-Instruct/"])) == "Llama-3-8B-Instruct"
+    assert predict.model_name(parse(["--model_path", "meta-llama/Llama-3-8B-Instruct"])) == "Llama-3-8B-Instruct"
+    assert predict.model_name(parse(["--model_path", "tiny"])) == "pyramidkv-tiny-llama"
 
 
 def test_unknown_method_is_one_line_error():
@@ -85,14 +86,16 @@ def test_results_of_another_checkpoint_are_not_resumed(tmp_path):
     assert set(json.load(open(os.path.join(out, "run_meta.json")))) == {"SnapKV", "H2O"}  # untouched
 
 
-def test_missing_model_and_flash_attention_errors(tmp_path):
-    with pytest.raises(predict.CLIError, match="is not a directory"):
+def test_missing_model_and_flash_attention_errors(tmp_path, checkpoint):
+    with pytest.raises(predict.CLIError, match="not found: not a short name"):
         predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path / "nope")]))
+    with pytest.raises(predict.CLIError, match=r"is not a model \(no config.json\)"):
+        predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path)]))
     with pytest.raises(predict.CLIError, match="--num_threads 0 must be at least 1"):
-        predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path), "--num_threads", "0"]))
+        predict.load_model_and_tokenizer(parse(["--model_path", checkpoint, "--num_threads", "0"]))
     if not __import__("importlib").util.find_spec("flash_attn"):
         with pytest.raises(predict.CLIError, match="flash-attn"):
-            predict.load_model_and_tokenizer(parse(["--model_path", str(tmp_path),
+            predict.load_model_and_tokenizer(parse(["--model_path", checkpoint,
                                                     "--attn_implementation", "flash_attention_2"]))
 
 
