@@ -8,18 +8,31 @@ positions stay the true positions.
 
 Decoding appends into a preallocated buffer instead of `torch.cat` (which copies the whole cache every
 step); right after prefill the buffer holds exactly the kept tokens, so the bytes then are exact.
+
+Batches: budgets are computed per row from its real length (PyramidKV's schedule differs by length).
+A layer stores K = the largest row's count; a row that keeps fewer tokens has them in its last slots
+and fillers before them. A row kept whole has exactly as many leading pad columns as fillers, so the
+attention mask hides them already; a compressed row below K has more fillers than pad columns, so
+the layer records them in `filler_slots` [B, K] and the attention hook hides them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .methods import KVMethod, PrefillInputs, build_method
+from .methods.base import repeat_kv
 
 logger = logging.getLogger("pyramidkv")
+
+# the cache of the patched forward running in this context (thread); set by pyramidkv.patch
+ACTIVE_CACHE: contextvars.ContextVar[CompressedCache | None] = contextvars.ContextVar(
+    "pyramidkv_active_cache", default=None
+)
 
 
 class CompressedLayer(DynamicLayer):
@@ -32,7 +45,9 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0  # true number of tokens seen
         self.growth = growth
         self.needs_compression = False  # set by the prefill update, cleared by `compress`
-        self.kept_after_prefill: int | None = None
+        self.kept_after_prefill: int | None = None  # slots stored per head (the largest row's count)
+        self.kept_per_row: list[int] | None = None  # real tokens each row kept
+        self.filler_slots: torch.Tensor | None = None  # [B, K] bool, True = slot the attention must hide
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
@@ -50,6 +65,10 @@ class CompressedLayer(DynamicLayer):
             self.keys, self.values = key_states, value_states
             self.needs_compression = True
             return self.keys, self.values
+        if key_states.shape[1] != self.keys.shape[1]:
+            # gqa_selection="query_head": the layer stores one head per query head, new tokens come per KV head
+            key_states = repeat_kv(key_states, self.keys.shape[1] // key_states.shape[1])
+            value_states = repeat_kv(value_states, self.values.shape[1] // value_states.shape[1])
         self._append(key_states, value_states)
         return self.keys, self.values
 
@@ -75,11 +94,19 @@ class CompressedLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : length + added]
         self.values = self._value_buffer[:, :, : length + added]
 
-    def store_compressed(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def store_compressed(self, keys, values, kept_per_row: list[int], real_lengths: list[int]) -> None:
         self.keys, self.values = keys.contiguous(), values.contiguous()
         self._key_buffer = self._value_buffer = None
         self.needs_compression = False
-        self.kept_after_prefill = self.keys.shape[-2]
+        slots = self.keys.shape[-2]
+        self.kept_after_prefill = slots
+        self.kept_per_row = kept_per_row
+        # fillers on real columns exist only for a compressed row below the layer's slot count
+        if any(kept < min(length, slots) for kept, length in zip(kept_per_row, real_lengths)):
+            fillers = torch.tensor([slots - kept for kept in kept_per_row], device=keys.device)
+            self.filler_slots = torch.arange(slots, device=keys.device)[None, :] < fillers[:, None]
+        else:
+            self.filler_slots = None
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -97,7 +124,25 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self._key_buffer = self._value_buffer = None
         self.needs_compression = False
-        self.kept_after_prefill = None
+        self.kept_after_prefill = self.kept_per_row = self.filler_slots = None
+
+    # batch reshuffles (beam search, num_return_sequences, contrastive search) move the fillers too
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.filler_slots is not None:
+            self.filler_slots = self.filler_slots.index_select(0, beam_idx.to(self.filler_slots.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.filler_slots is not None:
+            self.filler_slots = self.filler_slots.repeat_interleave(repeats, dim=0)
+        if self.kept_per_row is not None:
+            self.kept_per_row = [kept for kept in self.kept_per_row for _ in range(repeats)]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.filler_slots is not None:
+            self.filler_slots = self.filler_slots[indices]
 
     def nbytes(self) -> int:
         """Bytes of the K/V this layer holds (its buffer's capacity while decoding)."""
@@ -123,7 +168,15 @@ class CompressedCache(Cache):
         num_layers = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
         self.padding_mask: torch.Tensor | None = None  # 2-D mask of the current forward
-        self._budgets: list[int] | None = None
+        self._row_budgets: list[list[int]] | None = None  # [row][layer], from each row's real length
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if ACTIVE_CACHE.get() is not self:
+            raise ValueError(
+                "a CompressedCache was passed to a model that pyramidkv has not patched, so nothing would be "
+                "compressed; run it inside pyramidkv.compress(model, ...) or after pyramidkv.replace(...)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         # One mask serves all layers; size it for the largest layer (per-layer budgets), and the
@@ -134,23 +187,32 @@ class CompressedCache(Cache):
     def compress_layer(self, layer_idx: int, query, keys, values, scaling: float) -> None:
         layer = self.layers[layer_idx]
         seq_len = keys.shape[-2]
-        if self._budgets is None or layer_idx == 0:
-            self._budgets = self.method.layer_budgets(seq_len, len(self.layers))
         padding = None
         if self.padding_mask is not None and not bool(self.padding_mask[:, -seq_len:].all()):
             padding = self.padding_mask[:, -seq_len:].bool()
         inputs = PrefillInputs(query, keys, values, padding, layer_idx, len(self.layers), scaling)
+        lengths = inputs.real_lengths()
+        if self._row_budgets is None or layer_idx == 0:
+            schedules = {n: self.method.layer_budgets(n, len(self.layers)) for n in set(lengths)}
+            self._row_budgets = [schedules[n] for n in lengths]
+        budgets = [min(row[layer_idx], n) for row, n in zip(self._row_budgets, lengths)]
         with torch.no_grad():
-            new_keys, new_values = self.method.compress(inputs, self._budgets[layer_idx])
-        layer.store_compressed(new_keys, new_values)
+            new_keys, new_values = self.method.compress(inputs, budgets)
+        layer.store_compressed(new_keys, new_values, budgets, lengths)
         if layer_idx == len(self.layers) - 1:
             log = logger.info if not getattr(self.method, "_logged", False) else logger.debug
             log("%s kept tokens per layer (prompt %d): %s", self.method.name, seq_len, self.kept_tokens())
             object.__setattr__(self.method, "_logged", True)
 
     def kept_tokens(self) -> list[int | None]:
-        """Tokens each layer kept right after prefill (per KV head)."""
+        """Slots each layer stores per head right after prefill. With one row: the tokens it kept; in a
+        batch: the largest row's count (see kept_tokens_per_row for every row's own count)."""
         return [layer.kept_after_prefill for layer in self.layers]
+
+    def kept_tokens_per_row(self) -> list[list[int] | None]:
+        """Real tokens each row kept right after prefill, per layer: [layer][row]; a row equals its own
+        single-row run's kept_tokens()."""
+        return [layer.kept_per_row for layer in self.layers]
 
     def physical_lengths(self) -> list[int]:
         return [layer.physical_length for layer in self.layers]

@@ -7,8 +7,16 @@ Two thin wrappers:
 2. around the attention functions (eager/sdpa/flash_attention_2): for a layer that has just received
    its prefill, run attention on the full K/V, then let the cache keep what the method selects from the
    post-RoPE queries and keys. During decoding the wrapper only right-slices the shared mask to the
-   layer's own cache length (per-layer budgets).
+   layer's own cache length (per-layer budgets) and hides a batch row's filler slots.
 The attention wrapper is a no-op when no compressed cache is active, so other models are untouched.
+
+Nothing is skipped silently: a cache pyramidkv cannot compress into (StaticCache, a filled
+DynamicCache) raises, a CompressedCache given to an unpatched model raises (CompressedCache.update),
+and a supported model of a family that `replace_*` did not patch warns once.
+
+`compress(model, ...)` scopes are per context (thread): the model gets one instance forward while any
+scope on it is open, and that forward reads the method of the current context's innermost scope, so
+two threads compressing one model with two methods each get their own.
 """
 
 from __future__ import annotations
@@ -19,16 +27,17 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import threading
+import warnings
 
-from transformers.cache_utils import DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+import torch
 
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_utils import AttentionInterface
+
+from .cache import ACTIVE_CACHE as _ACTIVE_CACHE
 from .cache import CompressedCache
 from .methods import build_method
-
-_ACTIVE_CACHE: contextvars.ContextVar[CompressedCache | None] = contextvars.ContextVar(
-    "pyramidkv_active_cache", default=None
-)
 
 # model family -> (module path, base model class names)
 FAMILIES = {
@@ -39,22 +48,72 @@ FAMILIES = {
 }
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
+_lock = threading.RLock()  # guards the module-level patch state below (scopes may open in threads)
 _original_attention: dict[tuple[object, str], object] = {}  # (namespace, name) -> original function
 _class_patches: dict[type, tuple[object, object]] = {}  # class -> (original forward, method)
 _open_scopes = 0  # `compress` blocks currently open (the attention wrappers stay while any is)
+# base model -> [open scopes, had an instance forward before, that forward]
+_scoped_models: dict[object, list] = {}
+# base model -> method of this context's innermost open scope (never mutated: each scope sets a copy)
+_SCOPED_METHODS: contextvars.ContextVar[dict] = contextvars.ContextVar("pyramidkv_scoped_methods", default={})
+_warned_unpatched: set[type] = set()
 
 
 # ---- attention ----------------------------------------------------------------------------------
-def _compressing_attention(base_attention):
+class _StoredHeadsModule:
+    """The attention module as the attention function sees it when the cache stores one head per query
+    head (gqa_selection="query_head"): num_key_value_groups = 1, so eager/sdpa's repeat_kv (and sdpa's
+    single-query GQA packing) leave the keys as they are; everything else is the module's own."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _hide_filler_slots(mask, fillers, query, key):
+    """The attention mask with a batch's filler slots hidden from every query.
+
+    fillers [B, K]: True = the layer's slot j (mask column j after the right-slice) holds no token of
+    that row. Masks come as None (sdpa/flash without padding), bool [B, 1, q, kv] (sdpa), additive
+    float (eager) or 2-D [B, kv] (flash attention's padding mask)."""
+    batch, slots = fillers.shape
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    hidden = fillers.new_zeros(batch, kv_len)
+    hidden[:, :slots] = fillers
+    if mask is not None and mask.dim() == 2:
+        return mask.masked_fill(hidden, 0)
+    if mask is None:
+        # bottom-right causal (the queries are the last q_len positions), as sdpa would apply
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)[:, None]
+        mask = (torch.arange(kv_len, device=key.device)[None, :] <= q_pos)[None, None].expand(batch, 1, q_len, kv_len)
+    if mask.dtype == torch.bool:
+        return mask & ~hidden[:, None, None, :]
+    return mask.masked_fill(hidden[:, None, None, :], torch.finfo(mask.dtype).min)
+
+
+def _compressing_attention(base_attention, flash: bool = False):
     @functools.wraps(base_attention)
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         cache = _ACTIVE_CACHE.get()
         if cache is None:
+            if _class_patches:
+                _warn_if_family_unpatched(module)
             return base_attention(module, query, key, value, attention_mask, *args, **kwargs)
         layer = cache.layers[module.layer_idx]
         if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
             attention_mask = attention_mask[..., -key.shape[-2] :]
-        output = base_attention(module, query, key, value, attention_mask, *args, **kwargs)
+        if layer.filler_slots is not None and not layer.needs_compression:
+            if attention_mask is None and flash:  # flash attention reads a 2-D keep-mask
+                attention_mask = ~layer.filler_slots.new_zeros(key.shape[0], key.shape[-2])
+            attention_mask = _hide_filler_slots(attention_mask, layer.filler_slots, query, key)
+        attending = module
+        if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
+            attending = _StoredHeadsModule(module)
+        output = base_attention(attending, query, key, value, attention_mask, *args, **kwargs)
         if layer.needs_compression:
             scaling = kwargs.get("scaling") or module.scaling
             cache.compress_layer(module.layer_idx, query, key, value, scaling)
@@ -64,19 +123,49 @@ def _compressing_attention(base_attention):
     return attention
 
 
-def _wrap_attention_functions(family_module) -> None:
-    """Wrap the global sdpa/flash entries and this model family's eager function (idempotent)."""
-    for name in ("sdpa", "flash_attention_2", "flash_attention_3"):
-        key = (AttentionInterface, name)
-        if key not in _original_attention and name in AttentionInterface._global_mapping:
-            original = AttentionInterface._global_mapping[name]
-            _original_attention[key] = original
-            AttentionInterface._global_mapping[name] = _compressing_attention(original)
-    key = (family_module, "eager_attention_forward")
-    if key not in _original_attention and hasattr(family_module, "eager_attention_forward"):
-        original = family_module.eager_attention_forward
-        _original_attention[key] = original
-        family_module.eager_attention_forward = _compressing_attention(original)
+def _family_of(module) -> str | None:
+    path = type(module).__module__
+    return next((family for family, (module_path, _) in FAMILIES.items() if module_path == path), None)
+
+
+def _warn_if_family_unpatched(module) -> None:
+    """Warn once per attention class that a supported model runs uncompressed because `replace_*`
+    patched other families only (a compress scope or a patched family would have an active cache)."""
+    cls = type(module)
+    if cls in _warned_unpatched:
+        return
+    family = _family_of(module)
+    if family is None:
+        return
+    _, classes = _family_classes(family)
+    if all(base in _class_patches for base in classes):
+        return  # its family is patched: this forward runs without a cache (use_cache=False)
+    _warned_unpatched.add(cls)
+    patched = ", ".join(sorted(base.__name__ for base in _class_patches))
+    warnings.warn(
+        f"pyramidkv: {cls.__name__} runs uncompressed: the active patch covers {patched} only; "
+        f"call pyramidkv.replace(method, ...) (every family) or replace_{family}(...)",
+        stacklevel=3,
+    )
+
+
+def _wrap_attention_functions() -> None:
+    """Wrap the global sdpa/flash entries and every supported family's eager function (idempotent;
+    all families, so that a model of an unpatched family can be warned about)."""
+    with _lock:
+        for name in ("sdpa", "flash_attention_2", "flash_attention_3"):
+            key = (AttentionInterface, name)
+            if key not in _original_attention and name in AttentionInterface._global_mapping:
+                original = AttentionInterface._global_mapping[name]
+                _original_attention[key] = original
+                AttentionInterface._global_mapping[name] = _compressing_attention(original, flash=name != "sdpa")
+        for family in FAMILIES:
+            family_module, _ = _family_classes(family)
+            key = (family_module, "eager_attention_forward")
+            if key not in _original_attention and hasattr(family_module, "eager_attention_forward"):
+                original = family_module.eager_attention_forward
+                _original_attention[key] = original
+                family_module.eager_attention_forward = _compressing_attention(original)
 
 
 def _unwrap_attention_functions() -> None:
@@ -119,9 +208,9 @@ def _forward_with_compression(original_forward, get_method):
         use_cache = argument(args, kwargs, "use_cache")
         if use_cache is None:
             use_cache = model.config.use_cache
-        if isinstance(cache, CompressedCache) or (
-            use_cache and (cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0))
-        ):
+        if use_cache and not isinstance(cache, CompressedCache):
+            _check_cache_is_compressible(cache, model)
+        if isinstance(cache, CompressedCache) or use_cache:
             check_attention_implementation(model.config)
             if not isinstance(cache, CompressedCache):
                 cache = CompressedCache(get_method(model), model.config)
@@ -143,23 +232,49 @@ def _forward_with_compression(original_forward, get_method):
     return forward
 
 
+def _check_cache_is_compressible(cache, model) -> None:
+    """A cache pyramidkv would leave uncompressed is an error, not a silent full-cache run."""
+    if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+        return
+    where = f"{type(model).__name__} runs under a pyramidkv patch"
+    if type(cache) is DynamicCache:
+        raise ValueError(
+            f"past_key_values is a DynamicCache already holding {cache.get_seq_length()} uncompressed tokens "
+            f"and {where}; pass a fresh cache, or the CompressedCache of a compressed run"
+        )
+    kind = "a transformers Cache" if isinstance(cache, Cache) else "not a Cache"
+    raise ValueError(
+        f"past_key_values of type {type(cache).__name__} ({kind}) cannot be compressed and {where}; "
+        f"valid: none, an empty DynamicCache or a pyramidkv.CompressedCache (no cache_implementation='static')"
+    )
+
+
 def _family_classes(family: str) -> tuple[object, list[type]]:
     module_path, class_names = FAMILIES[family]
     module = importlib.import_module(module_path)
     return module, [getattr(module, name) for name in class_names]
 
 
+def _patch_family(family: str, built) -> None:
+    _, classes = _family_classes(family)
+    _wrap_attention_functions()
+    with _lock:
+        for cls in classes:
+            original = _class_patches[cls][0] if cls in _class_patches else cls.forward
+            _class_patches[cls] = (original, built)
+            cls.forward = _forward_with_compression(original, lambda model, cls=cls: _class_patches[cls][1])
+
+
 def _replace(family: str, method, **config) -> None:
+    _patch_family(family, build_method(method, **config))
+
+
+def replace(method: str, **config) -> None:
+    """`replace_llama` for every supported family at once (Llama, Mistral, Qwen2, Qwen3), so whichever
+    model is loaded is compressed. Undo with `pyramidkv.restore()`."""
     built = build_method(method, **config)
-    module, classes = _family_classes(family)
-    _wrap_attention_functions(module)
-    for cls in classes:
-        if cls in _class_patches:
-            original, _ = _class_patches[cls]
-        else:
-            original = cls.forward
-        _class_patches[cls] = (original, built)
-        cls.forward = _forward_with_compression(original, lambda model, cls=cls: _class_patches[cls][1])
+    for family in FAMILIES:
+        _patch_family(family, built)
 
 
 def replace_llama(method: str, **config) -> None:
@@ -187,12 +302,14 @@ def replace_qwen3(method: str, **config) -> None:
 
 
 def restore() -> None:
-    """Undo every `replace_*` patch and attention wrapper."""
-    for cls, (original, _) in _class_patches.items():
-        cls.forward = original
-    _class_patches.clear()
-    if not _open_scopes:
-        _unwrap_attention_functions()
+    """Undo every `replace_*` patch and (unless a compress scope is open) the attention wrappers."""
+    with _lock:
+        for cls, (original, _) in _class_patches.items():
+            cls.forward = original
+        _class_patches.clear()
+        _warned_unpatched.clear()  # a later patch warns again
+        if not _open_scopes:
+            _unwrap_attention_functions()
 
 
 def _base_model(model):
@@ -206,33 +323,61 @@ def _base_model(model):
     raise ValueError(f"unsupported model {type(model).__name__}; supported: {supported}")
 
 
+def _scoped_forward(base):
+    """The instance forward a model has while compress scopes on it are open: the current context's
+    scope method, or (no scope in this context, e.g. another thread) the model's own forward."""
+    original = type(base).forward
+    compressing = _forward_with_compression(
+        getattr(original, "__pyramidkv_original__", original), lambda model: _SCOPED_METHODS.get()[model]
+    )
+
+    def forward(model, *args, **kwargs):
+        if model in _SCOPED_METHODS.get():
+            return compressing(model, *args, **kwargs)
+        _, had_instance_forward, previous = _scoped_models.get(model, (0, False, None))
+        if had_instance_forward:
+            return previous(*args, **kwargs)
+        return type(model).forward(model, *args, **kwargs)  # replace_*'s patch, if any
+
+    return forward
+
+
 @contextlib.contextmanager
 def compress(model, method: str, **config):
-    """Scoped form: only `model`, only inside the `with` block.
+    """Scoped form: only `model`, only inside the `with` block, only in this context (thread).
 
         with pyramidkv.compress(model, "snapkv", max_capacity_prompt=128):
             model.generate(...)
+
+    Scopes nest, and scopes on one model in several threads each use their own method; the model's
+    forward is back to its own once the last scope on it closes.
     """
     global _open_scopes
     built = build_method(method, **config)
-    base, family = _base_model(model)
+    base, _ = _base_model(model)
     check_attention_implementation(base.config)
-    module, _ = _family_classes(family)
-    _wrap_attention_functions(module)
-    _open_scopes += 1
-    had_instance_forward = "forward" in vars(base)
-    previous = base.forward
-    original = type(base).forward
-    original = getattr(original, "__pyramidkv_original__", original)
-    wrapped = _forward_with_compression(original, lambda _model: built)
-    base.forward = wrapped.__get__(base)
+    _wrap_attention_functions()
+    with _lock:
+        _open_scopes += 1
+        entry = _scoped_models.get(base)
+        if entry is None:
+            had_instance_forward = "forward" in vars(base)
+            entry = _scoped_models[base] = [0, had_instance_forward, vars(base).get("forward")]
+            base.forward = _scoped_forward(base).__get__(base)
+        entry[0] += 1
+    token = _SCOPED_METHODS.set({**_SCOPED_METHODS.get(), base: built})
     try:
         yield built
     finally:
-        if had_instance_forward:
-            base.forward = previous
-        else:
-            del base.forward
-        _open_scopes -= 1
-        if not _class_patches and not _open_scopes:
-            _unwrap_attention_functions()
+        _SCOPED_METHODS.reset(token)
+        with _lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _scoped_models[base]
+                if entry[1]:
+                    base.forward = entry[2]
+                else:
+                    del base.forward
+            _open_scopes -= 1
+            if not _class_patches and not _open_scopes:
+                _unwrap_attention_functions()

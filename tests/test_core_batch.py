@@ -1,4 +1,10 @@
-"""Invariant 5: each row of a left-padded batch equals its own single-row run; pads are never kept."""
+"""Invariant 5: each row of a left-padded batch equals its own single-row run; pads are never kept.
+
+Budgets are per row (from each row's real length), so this holds for PyramidKV too, whose schedule
+depends on the length: at C=32, w=8, 3 layers, a 90-token row gets the pyramid, a 50-token row the
+clamped pyramid (50 - 8 < 2(C-w) - low), a 40-token row the uniform fallback (40 < 2(C-w)), and a
+25-token row (shorter than the budget) is kept whole.
+"""
 
 import pytest
 import torch
@@ -6,7 +12,7 @@ import torch
 import pyramidkv
 from conftest import greedy, prompt, tiny_model
 
-LENGTHS = (90, 70, 25)  # the last row is shorter than the budget
+LENGTHS = (90, 50, 40, 25)
 
 
 def left_padded(rows):
@@ -19,28 +25,48 @@ def left_padded(rows):
     return ids, mask
 
 
+def test_pyramid_schedules_of_these_rows_differ():
+    """The premise of the batch test: the rows' own PyramidKV schedules are all different."""
+    method = pyramidkv.build_method("PyramidKV", max_capacity_prompt=32, window_size=8)
+    schedules = {tuple(method.layer_budgets(length, 3)) for length in LENGTHS}
+    assert len(schedules) == len(LENGTHS)
+    assert method.layer_budgets(25, 3) == [25, 25, 25]
+
+
 @pytest.mark.parametrize("method", ["SnapKV", "PyramidKV", "H2O", "StreamingLLM", "L2Norm"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_padded_rows_equal_single_runs(method, attn):
     model = tiny_model(attn=attn)
-    # PyramidKV's layer schedule depends on the prompt length, which in a batch is the padded length:
-    # rows agree with single runs when their own schedule is the same (here: all rows > 54 tokens)
-    lengths = (90, 70, 60) if method == "PyramidKV" else LENGTHS
-    rows = [prompt(length, seed=length) for length in lengths]
+    rows = [prompt(length, seed=length) for length in LENGTHS]
     ids, mask = left_padded(rows)
     config = {"max_capacity_prompt": 32, "window_size": 8}
     with pyramidkv.compress(model, method, **config):
         batched = greedy(model, ids, attention_mask=mask)
         singles = [greedy(model, row) for row in rows]
+    per_row = batched.past_key_values.kept_tokens_per_row()  # [layer][row]
     for b, single in enumerate(singles):
         assert torch.equal(batched.sequences[b, ids.shape[1] :], single.sequences[0, rows[b].shape[1] :])
         for batch_logits, single_logits in zip(batched.logits, single.logits):
             torch.testing.assert_close(batch_logits[b], single_logits[0], rtol=0, atol=1e-4)
-        if lengths[b] > 32:
-            # same kept keys as the single run => no pad was selected
-            for layer_batched, layer_single in zip(batched.past_key_values.layers, single.past_key_values.layers):
-                kept = layer_single.kept_after_prefill
-                if kept == lengths[b]:
-                    continue  # an uncompressed layer (L2Norm skips the first ones) keeps the pads too
-                batched_keys = layer_batched.keys[b, :, :kept]
-                torch.testing.assert_close(batched_keys, layer_single.keys[0, :, :kept], rtol=0, atol=1e-4)
+        assert [layer[b] for layer in per_row] == single.past_key_values.kept_tokens()
+        # the row's kept tokens sit in its last slots, and are the single run's (so no pad was kept)
+        for layer_batched, layer_single in zip(batched.past_key_values.layers, single.past_key_values.layers):
+            slots, kept = layer_batched.kept_after_prefill, layer_single.kept_after_prefill
+            batched_keys = layer_batched.keys[b, :, slots - kept : slots]
+            torch.testing.assert_close(batched_keys, layer_single.keys[0, :, :kept], rtol=0, atol=1e-4)
+    assert batched.past_key_values.kept_tokens() == [max(layer) for layer in per_row]
+
+
+def test_pyramid_batch_stores_fillers_only_where_needed():
+    model = tiny_model()
+    rows = [prompt(length, seed=length) for length in LENGTHS]
+    ids, mask = left_padded(rows)
+    with pyramidkv.compress(model, "pyramidkv", max_capacity_prompt=32, window_size=8):
+        cache = greedy(model, ids, attention_mask=mask, new_tokens=1).past_key_values
+    for layer, kept in zip(cache.layers, cache.kept_tokens_per_row()):
+        slots = layer.kept_after_prefill
+        assert layer.keys.shape[-2] == slots == max(kept)
+        assert kept[-1] == 25  # shorter than every budget: kept whole
+        if layer.filler_slots is not None:
+            assert layer.filler_slots.sum(-1).tolist() == [slots - k for k in kept]
+    assert any(layer.filler_slots is not None for layer in cache.layers)

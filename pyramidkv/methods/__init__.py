@@ -24,10 +24,18 @@ def register_method(cls: type[KVMethod]) -> type[KVMethod]:
     return cls
 
 
-def _lookup(name: str) -> type[KVMethod] | None:
-    by_lower = {known.lower(): cls for known, cls in METHODS.items()}
-    key = name.lower()
-    return by_lower.get(key) or by_lower.get(ALIASES.get(key, "").lower())
+def canonical_name(name: str) -> str:
+    """The registered spelling of a method name, any case, aliases included ("knorm" -> "L2Norm").
+
+    The one registry that the library and the runners both use; an unknown name raises a one-line
+    ValueError listing the methods and the aliases."""
+    by_lower = {known.lower(): known for known in METHODS}
+    key = str(name).lower()
+    found = by_lower.get(key) or by_lower.get(ALIASES.get(key, "").lower())
+    if found is None:
+        aliases = ", ".join(f"{alias} ({target})" for alias, target in ALIASES.items())
+        raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(METHODS)}; aliases: {aliases}")
+    return found
 
 
 def list_methods() -> list[str]:
@@ -41,9 +49,7 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
         if config:
             return dataclasses.replace(method, **config)
         return method
-    cls = _lookup(str(method))
-    if cls is None:
-        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    cls = METHODS[canonical_name(method)]
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(config) - set(valid))
     if unknown:
@@ -51,4 +57,5 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
     return cls(**config)
 
 
-__all__ = ["KVMethod", "PrefillInputs", "METHODS", "list_methods", "build_method", "register_method"] + list(METHODS)
+__all__ = ["ALIASES", "KVMethod", "PrefillInputs", "METHODS", "build_method", "canonical_name", "list_methods",
+           "register_method"] + list(METHODS)

@@ -1,13 +1,15 @@
 """What every compression method shares: its config, validation, and the keep-top-k-plus-window rule.
 
-A method sees one layer's prefill through :class:`PrefillInputs` and returns, per KV head, the indices
-of the prompt tokens to keep (:meth:`KVMethod.select`). Scorer methods only implement :meth:`score`;
-the base class handles budgets, the observation window, left padding and GQA.
+A method sees one layer's prefill through :class:`PrefillInputs` and returns, per head, the indices of
+the prompt tokens to keep (:meth:`KVMethod.select`). Scorer methods only implement :meth:`score`; the
+base class handles budgets (one per row of a batch), the observation window, left padding and GQA.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 POOLINGS = ("avgpool", "maxpool")
+# "kv_head": scores averaged over each query-head group, one selection per KV head, the cache stores
+# the KV heads; "query_head": K/V repeated to the query heads, one selection per query head, the cache
+# stores num_attention_heads heads (KVCache-Factory's default, and its memory)
+GQA_SELECTIONS = ("kv_head", "query_head")
 
 
 @dataclass
@@ -24,7 +30,7 @@ class PrefillInputs:
     query: torch.Tensor  # [B, Hq, S, D]
     keys: torch.Tensor  # [B, Hkv, S, D]
     values: torch.Tensor  # [B, Hkv, S, D]
-    padding_mask: torch.Tensor | None  # [B, S] bool, True = real token; None = no padding
+    padding_mask: torch.Tensor | None  # [B, S] bool, True = real token (left padding); None = no padding
     layer_idx: int
     num_layers: int
     scaling: float
@@ -37,15 +43,28 @@ class PrefillInputs:
     def num_kv_groups(self) -> int:
         return self.query.shape[1] // self.keys.shape[1]
 
+    def real_lengths(self) -> list[int]:
+        """Real (non-pad) tokens of each row."""
+        if self.padding_mask is None:
+            return [self.seq_len] * self.keys.shape[0]
+        return [int(n) for n in self.padding_mask.sum(-1).tolist()]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} is invalid: it must be a positive integer")
+
 
 @dataclass
 class KVMethod:
     """Base config shared by all methods.
 
-    max_capacity_prompt: tokens kept per layer and KV head after prefill, observation window included.
+    max_capacity_prompt: tokens kept per layer and head after prefill, observation window included.
     window_size: the last `window_size` prompt tokens are always kept and (for attention-based scorers)
         are the observation window whose queries vote for the prefix.
-    kernel_size / pooling: 1-D pooling of the votes (SnapKV's clustering step).
+    kernel_size / pooling: 1-D pooling of the votes (SnapKV's clustering step); the kernel is odd so
+        that it is centred on the token it scores.
+    gqa_selection: "kv_head" or "query_head" (see GQA_SELECTIONS).
     """
 
     name: ClassVar[str] = "base"
@@ -53,48 +72,103 @@ class KVMethod:
     window_size: int = 8
     kernel_size: int = 7
     pooling: str = "maxpool"
+    gqa_selection: str = "kv_head"
 
     def __post_init__(self):
         for field in ("max_capacity_prompt", "window_size", "kernel_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{field}={value!r} is invalid: it must be a positive integer")
+            _check_positive_int(field, getattr(self, field))
         if self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"max_capacity_prompt={self.max_capacity_prompt} must be larger than "
                 f"window_size={self.window_size} (the budget includes the observation window)"
             )
+        if self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size={self.kernel_size} is invalid: it must be odd (an even kernel pools "
+                f"unevenly around each token), e.g. {self.kernel_size - 1} or {self.kernel_size + 1}"
+            )
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is unknown; valid choices: {', '.join(POOLINGS)}")
+        if self.gqa_selection not in GQA_SELECTIONS:
+            raise ValueError(
+                f"gqa_selection={self.gqa_selection!r} is unknown; valid choices: {', '.join(GQA_SELECTIONS)}"
+            )
 
     # ---- what subclasses override -------------------------------------------------------------
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
-        """Tokens kept per layer (window included); uniform by default."""
+        """Tokens kept per layer (window included) for a prompt of `seq_len` real tokens; uniform by
+        default. In a batch this is called once per row, with that row's real length."""
         return [min(self.max_capacity_prompt, seq_len)] * num_layers
 
     def score(self, x: PrefillInputs, window: int) -> torch.Tensor:
-        """Scores of the prefix tokens [B, Hkv, S - window]; higher = keep."""
+        """Scores of the prefix tokens, [B, Hq or Hkv, S - window]; higher = keep. Per-query-head
+        scores are averaged over each group for kv_head selection; per-KV-head scores are shared by
+        the group's query heads for query_head selection."""
         raise NotImplementedError
 
     # ---- shared machinery ---------------------------------------------------------------------
     def config(self) -> dict:
         return dataclasses.asdict(self)
 
-    def select(self, x: PrefillInputs, budget: int) -> torch.Tensor | None:
-        """Indices [B, Hkv, budget] of the tokens to keep, ascending; None = keep everything."""
-        seq_len = x.seq_len
-        if budget >= seq_len:
-            return None
-        window = min(self.window_size, budget)
-        prefix_scores = self.score(x, window).float()
-        return keep_top_prefix_and_window(prefix_scores, budget - window, seq_len, x.padding_mask)
+    def selection_heads(self, scores: torch.Tensor, x: PrefillInputs) -> torch.Tensor:
+        """Scores -> one row per head that is selected and stored (see gqa_selection)."""
+        groups = x.num_kv_groups
+        if groups == 1:
+            return scores
+        if self.gqa_selection == "kv_head" and scores.shape[1] == x.query.shape[1]:
+            return group_mean(scores, groups)
+        if self.gqa_selection == "query_head" and scores.shape[1] == x.keys.shape[1]:
+            return scores.repeat_interleave(groups, dim=1)
+        return scores
 
-    def compress(self, x: PrefillInputs, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V to store for this layer. Merging methods override this."""
+    def stored_states(self, x: PrefillInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V heads the cache stores: the KV heads, or repeated to the query heads."""
+        if self.gqa_selection == "query_head":
+            return repeat_kv(x.keys, x.num_kv_groups), repeat_kv(x.values, x.num_kv_groups)
+        return x.keys, x.values
+
+    def select(self, x: PrefillInputs, budget: int | Sequence[int]) -> torch.Tensor | None:
+        """Indices [B, H, K] of the tokens to keep (H: stored heads), None = keep everything.
+
+        `budget`: one int, or one per row. A row keeps min(budget, real length) tokens, ascending, in
+        its LAST slots; K is the largest row's count and a row below it fills its first slots with
+        positions the cache hides (see keep_top_prefix_and_window and CompressedCache)."""
+        row_budgets = _row_budgets(budget, x)
+        lengths = x.real_lengths()
+        if all(b >= n for b, n in zip(row_budgets, lengths)) and max(lengths) == x.seq_len:
+            return None  # every row kept whole and no slot to fill
+        compressed = [b for b, n in zip(row_budgets, lengths) if b < n]
+        window = min(self.window_size, *compressed) if compressed else min(self.window_size, x.seq_len)
+        if compressed:
+            prefix_scores = self.selection_heads(self.score(x, window).float(), x)
+        else:  # every row is kept whole: no scores needed, only the layout
+            heads = self.stored_states(x)[0].shape[1]
+            prefix_scores = x.keys.new_zeros(x.keys.shape[0], heads, x.seq_len - window, dtype=torch.float32)
+        return keep_top_prefix_and_window(prefix_scores, row_budgets, x.seq_len, x.padding_mask)
+
+    def compress(self, x: PrefillInputs, budget: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V to store for this layer (row b's kept tokens in its last min(budget_b, length_b)
+        slots). Merging methods override this."""
+        keys, values = self.stored_states(x)
         keep = self.select(x, budget)
         if keep is None:
-            return x.keys, x.values
-        return gather_tokens(x.keys, keep), gather_tokens(x.values, keep)
+            return keys, values
+        return gather_tokens(keys, keep), gather_tokens(values, keep)
+
+
+def _row_budgets(budget: int | Sequence[int], x: PrefillInputs) -> list[int]:
+    """Per-row budget, capped at the padded length."""
+    rows = x.keys.shape[0]
+    budgets = [budget] * rows if isinstance(budget, int) else [int(b) for b in budget]
+    if len(budgets) != rows:
+        raise ValueError(f"{len(budgets)} budgets for a batch of {rows} rows; give one int or one per row")
+    return [min(b, x.seq_len) for b in budgets]
+
+
+def check_finite_number(name: str, value, minimum: float) -> None:
+    """One-line ValueError unless `value` is a real, finite number >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: it must be a finite number >= {minimum:g}")
 
 
 def gather_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -104,27 +178,39 @@ def gather_tokens(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def keep_top_prefix_and_window(
-    prefix_scores: torch.Tensor, prefix_budget: int, seq_len: int, padding_mask: torch.Tensor | None
+    prefix_scores: torch.Tensor, row_budgets: int | Sequence[int], seq_len: int, padding_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Top-`prefix_budget` prefix tokens per head (in original order) followed by the window.
+    """Per row: the top (budget - window) prefix tokens per head (in original order), then the window.
 
-    Left padding: pads are never picked. A row whose real length fits the budget keeps its last
-    `budget` positions instead, so any kept pad stays on a column the attention mask hides.
+    Left padding: pads are never picked. Rows may have different budgets (PyramidKV's schedule follows
+    each row's own length); the result is dense [B, H, K] with K the largest row's count, and row b's
+    kept tokens fill its LAST kept_b slots. Its first K - kept_b slots hold positions S-K .. S-kept_b-1:
+    for a row kept whole (real length <= budget) those are its pads, on columns the attention mask
+    already hides; for a compressed row below K they are fillers that CompressedCache hides with a
+    per-row slot mask (a padding mask cannot: the row has fewer pad columns than filler slots).
     """
     batch, heads, prefix_len = prefix_scores.shape
     window = seq_len - prefix_len
     device = prefix_scores.device
-    if padding_mask is not None:
-        pad = ~padding_mask[:, None, :prefix_len].bool()
-        prefix_scores = prefix_scores.masked_fill(pad, float("-inf"))
-        short_rows = padding_mask.sum(-1) <= prefix_budget + window
-        recency = torch.arange(prefix_len, device=device, dtype=prefix_scores.dtype).expand_as(prefix_scores)
-        prefix_scores = torch.where(short_rows[:, None, None], recency, prefix_scores)
-    # stable sort: equal scores (maxpool plateaus) resolve by position, the same with or without padding
-    order = prefix_scores.sort(dim=-1, descending=True, stable=True).indices
-    top = order[..., :prefix_budget].sort(dim=-1).values
-    window_idx = torch.arange(prefix_len, seq_len, device=device).expand(batch, heads, window)
-    return torch.cat([top, window_idx], dim=-1)
+    budgets = [row_budgets] * batch if isinstance(row_budgets, int) else list(row_budgets)
+    lengths = [seq_len] * batch if padding_mask is None else [int(n) for n in padding_mask.sum(-1).tolist()]
+    kept = [min(budget, length) for budget, length in zip(budgets, lengths)]
+    slots = max(kept)
+    window_idx = torch.arange(prefix_len, seq_len, device=device).expand(heads, window)
+    rows = []
+    for row, (keep, length) in enumerate(zip(kept, lengths)):
+        if keep >= length:  # kept whole
+            rows.append(torch.arange(seq_len - slots, seq_len, device=device).expand(heads, slots))
+            continue
+        scores = prefix_scores[row]
+        if padding_mask is not None:
+            scores = scores.masked_fill(~padding_mask[row, None, :prefix_len].bool(), float("-inf"))
+        # stable sort: equal scores (maxpool plateaus) resolve to the lowest position, with or without padding
+        order = scores.sort(dim=-1, descending=True, stable=True).indices
+        top = order[:, : keep - window].sort(dim=-1).values
+        filler = torch.arange(seq_len - slots, seq_len - keep, device=device).expand(heads, slots - keep)
+        rows.append(torch.cat([filler, top, window_idx], dim=-1))
+    return torch.stack(rows)
 
 
 def window_attention(x: PrefillInputs, window: int) -> torch.Tensor:

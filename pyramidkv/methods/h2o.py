@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import KVMethod, PrefillInputs, group_mean, repeat_kv
+from .base import KVMethod, PrefillInputs, repeat_kv
 
 
 @dataclass
@@ -36,4 +36,4 @@ class H2O(KVMethod):
                 visible = visible & real[:, None, None, :] & real[:, None, start : start + q.shape[2], None]
             probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
             totals += torch.nan_to_num(probs, nan=0.0).sum(dim=2)  # pad query rows are all-masked -> NaN
-        return group_mean(totals[..., : seq_len - window], x.num_kv_groups)
+        return totals[..., : seq_len - window]  # per query head; the base groups them

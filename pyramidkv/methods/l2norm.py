@@ -16,6 +16,13 @@ class L2Norm(KVMethod):
     name = "L2Norm"
     skip_layers: int = 2
 
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.skip_layers, bool) or not isinstance(self.skip_layers, int) or self.skip_layers < 0:
+            raise ValueError(
+                f"skip_layers={self.skip_layers!r} is invalid: it must be a non-negative integer (0 = compress every layer)"
+            )
+
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         kept = min(self.max_capacity_prompt, seq_len)
         return [seq_len if layer < self.skip_layers else kept for layer in range(num_layers)]

@@ -8,13 +8,15 @@ keeps max - (max-min)*l/(L-1) prefix tokens plus the window. Falls back to unifo
 s < 2(C-w). Unlike KVCache-Factory's integer steps (which overshoot, e.g. 4016 vs 3840 tokens at C=128,
 w=8, L=32), our integer budgets sum to exactly L*(C-w) prefix tokens.
 
-In a left-padded batch the schedule is computed from the padded length, so a row equals its own
-single-row run when both lengths give the same schedule (both above 2(C-w) and past the clamp).
+In a left-padded batch the schedule is computed per row, from that row's real length, so every row
+equals its own single-row run (the cache stores the largest row's count per layer and hides the
+shorter rows' filler slots).
 """
 
 import math
 from dataclasses import dataclass
 
+from .base import check_finite_number
 from .snapkv import SnapKV
 
 
@@ -25,8 +27,7 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or self.beta < 1:
-            raise ValueError(f"beta={self.beta!r} is invalid: it must be a number >= 1")
+        check_finite_number("beta", self.beta, minimum=1)
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         per_layer = self.max_capacity_prompt - self.window_size

@@ -10,7 +10,7 @@ KVCache-Factory's LongBench runs, which the PyramidKV tables use; both are setta
 
 from dataclasses import dataclass
 
-from .base import KVMethod, PrefillInputs, group_mean, pool_votes, window_attention
+from .base import KVMethod, PrefillInputs, pool_votes, window_attention
 
 
 @dataclass
@@ -20,5 +20,4 @@ class SnapKV(KVMethod):
     def score(self, x: PrefillInputs, window: int):
         attn = window_attention(x, window)  # [B, Hq, w, S]
         votes = attn[..., : x.seq_len - window].sum(dim=-2)  # [B, Hq, S - w]
-        votes = pool_votes(votes, self.kernel_size, self.pooling)
-        return group_mean(votes, x.num_kv_groups)
+        return pool_votes(votes, self.kernel_size, self.pooling)  # per query head; the base groups them

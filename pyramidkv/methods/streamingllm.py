@@ -1,9 +1,10 @@
 """StreamingLLM — Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024,
 arXiv:2309.17453).
 
-Keeps the first `sink_size` tokens (attention sinks) and the most recent ones. Positions stay the
-TRUE positions (the cache keeps each token's original RoPE rotation); the paper's variant that
-re-rotates keys to cache positions is not implemented.
+Keeps the first `sink_size` tokens (attention sinks) and the most recent ones. When the prefix budget
+(max_capacity_prompt - window) is smaller than sink_size, the FIRST min(sink_size, prefix budget)
+tokens are kept. Positions stay the TRUE positions (the cache keeps each token's original RoPE
+rotation); the paper's variant that re-rotates keys to cache positions is not implemented.
 """
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class StreamingLLM(KVMethod):
         if x.padding_mask is not None:
             first_real = (x.seq_len - x.padding_mask.sum(-1, keepdim=True)).float()
         is_sink = (position[None, :] >= first_real) & (position[None, :] < first_real + self.sink_size)
-        # recency, with sinks above every other token
-        scores = torch.where(is_sink, position + 2 * x.seq_len, position)
+        # sinks above every other token, the earliest sink highest (a budget below sink_size keeps the
+        # first sinks); the other tokens by recency
+        scores = torch.where(is_sink, 3 * x.seq_len - position, position)
         return scores[:, None, :].expand(batch, heads, prefix_len)
