@@ -11,31 +11,45 @@ or, for one model only:
         model.generate(...)
 """
 
+import importlib
 import logging
-
-from .cache import CompressedCache, CompressedLayer
-from .methods import METHODS, KVMethod, PrefillInputs, build_method, canonical_name, list_methods, register_method
-from .patch import compress, replace, replace_llama, replace_mistral, replace_qwen2, replace_qwen3, restore
 
 __version__ = "0.1.0"
 
 logging.getLogger("pyramidkv").addHandler(logging.NullHandler())
 
-__all__ = [
-    "CompressedCache",
-    "CompressedLayer",
-    "KVMethod",
-    "METHODS",
-    "PrefillInputs",
-    "build_method",
-    "canonical_name",
-    "compress",
-    "list_methods",
-    "register_method",
-    "replace",
-    "replace_llama",
-    "replace_mistral",
-    "replace_qwen2",
-    "replace_qwen3",
-    "restore",
-]
+# Public names resolve lazily (PEP 562) so that `from pyramidkv import predict` and the runners'
+# `--help` do not import torch/transformers (~5 s); the first use of any name below imports its module.
+_LAZY = {
+    "CompressedCache": "cache",
+    "CompressedLayer": "cache",
+    "KVMethod": "methods",
+    "METHODS": "methods",
+    "PrefillInputs": "methods",
+    "build_method": "methods",
+    "canonical_name": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "compress": "patch",
+    "replace": "patch",
+    "replace_llama": "patch",
+    "replace_mistral": "patch",
+    "replace_qwen2": "patch",
+    "replace_qwen3": "patch",
+    "restore": "patch",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyramidkv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
