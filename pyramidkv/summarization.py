@@ -221,13 +221,16 @@ def records_to_rows(records: list, path: str, unit: str, spec: DatasetSpec,
         raise CLIError(f"{path}: no records")
     document_field, summary_field = fields or _fields_for(spec, numbered[0][1] if isinstance(
         numbered[0][1], dict) else {})
+    def where(number: int) -> str:  # file:line for text files, "file row N" for tables
+        return f"{path}:{number}" if unit == "line" else f"{path} {unit} {number}"
+
     rows = []
     for index, (number, record) in enumerate(numbered):
         if not isinstance(record, dict):
-            raise CLIError(f"{path}:{unit} {number}: not a JSON object")
+            raise CLIError(f"{where(number)}: not a JSON object")
         for field in (document_field, summary_field):
             if field not in record or record[field] is None:
-                raise CLIError(f"{path}:{unit} {number}: missing field {field!r} (a summarization record "
+                raise CLIError(f"{where(number)}: missing field {field!r} (a summarization record "
                                f"needs {document_field!r} and {summary_field!r})")
         sample_id = record.get(spec.id_field or "id", record.get("id", record.get("_id")))
         rows.append({"id": str(sample_id) if sample_id is not None else f"{split_name or 'row'}-{index}",
