@@ -131,6 +131,8 @@ class CompressedLayer(DynamicLayer):
         super().reorder_cache(beam_idx)
         if self.filler_slots is not None:
             self.filler_slots = self.filler_slots.index_select(0, beam_idx.to(self.filler_slots.device))
+        if self.kept_per_row is not None:
+            self.kept_per_row = [self.kept_per_row[i] for i in beam_idx.tolist()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -143,6 +145,8 @@ class CompressedLayer(DynamicLayer):
         super().batch_select_indices(indices)
         if self.filler_slots is not None:
             self.filler_slots = self.filler_slots[indices]
+        if self.kept_per_row is not None:
+            self.kept_per_row = [self.kept_per_row[i] for i in torch.arange(len(self.kept_per_row))[indices].tolist()]
 
     def nbytes(self) -> int:
         """Bytes of the K/V this layer holds (its buffer's capacity while decoding)."""

@@ -70,3 +70,26 @@ def test_pyramid_batch_stores_fillers_only_where_needed():
         if layer.filler_slots is not None:
             assert layer.filler_slots.sum(-1).tolist() == [slots - k for k in kept]
     assert any(layer.filler_slots is not None for layer in cache.layers)
+
+
+def test_padded_pyramid_rows_equal_single_runs_on_a_reused_cache_and_with_beams():
+    """Fillers stay hidden for a multi-token follow-up on the reused cache and through beam reordering."""
+    model = tiny_model()
+    rows = [prompt(length, seed=length) for length in LENGTHS]
+    ids, mask = left_padded(rows)
+    follow = prompt(3, batch=len(rows), seed=5)
+    with pyramidkv.compress(model, "pyramidkv", max_capacity_prompt=32, window_size=8):
+        first = greedy(model, ids, attention_mask=mask, new_tokens=2)
+        more = torch.cat([first.sequences, follow], dim=1)
+        more_mask = torch.cat([mask, torch.ones(len(rows), 5, dtype=torch.long)], dim=1)
+        second = greedy(model, more, attention_mask=more_mask, past_key_values=first.past_key_values, new_tokens=3)
+        beams = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False)
+        for b, row in enumerate(rows):
+            single_first = greedy(model, row, new_tokens=2)
+            single_more = torch.cat([single_first.sequences, follow[b : b + 1]], dim=1)
+            single = greedy(model, single_more, past_key_values=single_first.past_key_values, new_tokens=3)
+            assert torch.equal(second.sequences[b, more.shape[1] :], single.sequences[0, single_more.shape[1] :])
+            for batch_logits, single_logits in zip(second.logits, single.logits):
+                torch.testing.assert_close(batch_logits[b], single_logits[0], rtol=0, atol=1e-4)
+            single_beams = model.generate(row, max_new_tokens=4, num_beams=3, do_sample=False)
+            assert torch.equal(beams[b, ids.shape[1] :], single_beams[0, row.shape[1] :])
