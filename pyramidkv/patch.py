@@ -74,28 +74,34 @@ class _StoredHeadsModule:
         return getattr(self._module, name)
 
 
-def _hide_filler_slots(mask, fillers, query, key):
+def _hide_filler_slots(mask, fillers, query, key, kind: str):
     """The attention mask with a batch's filler slots hidden from every query.
 
     fillers [B, K]: True = the layer's slot j (mask column j after the right-slice) holds no token of
-    that row. Masks come as None (sdpa/flash without padding), bool [B, 1, q, kv] (sdpa), additive
-    float (eager) or 2-D [B, kv] (flash attention's padding mask)."""
+    that row. Masks come as bool [B|1, 1, q, kv] (sdpa), additive float (eager), 2-D [B, kv] (flash
+    attention's keep-mask) or None (nothing to mask: built here, causal for the last q positions)."""
     batch, slots = fillers.shape
     q_len, kv_len = query.shape[-2], key.shape[-2]
     hidden = fillers.new_zeros(batch, kv_len)
     hidden[:, :slots] = fillers
-    if mask is not None and mask.dim() == 2:
-        return mask.masked_fill(hidden, 0)
+    if kind == "flash":
+        return ~hidden if mask is None else mask.bool() & ~hidden
     if mask is None:
-        # bottom-right causal (the queries are the last q_len positions), as sdpa would apply
         q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)[:, None]
-        mask = (torch.arange(kv_len, device=key.device)[None, :] <= q_pos)[None, None].expand(batch, 1, q_len, kv_len)
+        mask = (torch.arange(kv_len, device=key.device)[None, :] <= q_pos)[None, None]
+        if kind == "eager":
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=key.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+    hidden = hidden[:, None, None, :]
     if mask.dtype == torch.bool:
-        return mask & ~hidden[:, None, None, :]
-    return mask.masked_fill(hidden[:, None, None, :], torch.finfo(mask.dtype).min)
+        return mask & ~hidden
+    return torch.where(hidden, torch.finfo(mask.dtype).min, mask)
 
 
-def _compressing_attention(base_attention, flash: bool = False):
+def _compressing_attention(base_attention, kind: str):
+    """`kind`: "eager", "sdpa" or "flash" (which mask format the base function takes)."""
+
     @functools.wraps(base_attention)
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         cache = _ACTIVE_CACHE.get()
@@ -107,9 +113,7 @@ def _compressing_attention(base_attention, flash: bool = False):
         if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
             attention_mask = attention_mask[..., -key.shape[-2] :]
         if layer.filler_slots is not None and not layer.needs_compression:
-            if attention_mask is None and flash:  # flash attention reads a 2-D keep-mask
-                attention_mask = ~layer.filler_slots.new_zeros(key.shape[0], key.shape[-2])
-            attention_mask = _hide_filler_slots(attention_mask, layer.filler_slots, query, key)
+            attention_mask = _hide_filler_slots(attention_mask, layer.filler_slots, query, key, kind)
         attending = module
         if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
             attending = _StoredHeadsModule(module)
@@ -158,14 +162,15 @@ def _wrap_attention_functions() -> None:
             if key not in _original_attention and name in AttentionInterface._global_mapping:
                 original = AttentionInterface._global_mapping[name]
                 _original_attention[key] = original
-                AttentionInterface._global_mapping[name] = _compressing_attention(original, flash=name != "sdpa")
+                kind = "sdpa" if name == "sdpa" else "flash"
+                AttentionInterface._global_mapping[name] = _compressing_attention(original, kind)
         for family in FAMILIES:
             family_module, _ = _family_classes(family)
             key = (family_module, "eager_attention_forward")
             if key not in _original_attention and hasattr(family_module, "eager_attention_forward"):
                 original = family_module.eager_attention_forward
                 _original_attention[key] = original
-                family_module.eager_attention_forward = _compressing_attention(original)
+                family_module.eager_attention_forward = _compressing_attention(original, "eager")
 
 
 def _unwrap_attention_functions() -> None:

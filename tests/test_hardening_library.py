@@ -220,3 +220,21 @@ def test_query_head_selection_in_a_padded_batch_equals_single_runs():
     for b, single in enumerate(singles):
         for batch_logits, single_logits in zip(batched.logits, single.logits):
             torch.testing.assert_close(batch_logits[b], single_logits[0], rtol=0, atol=1e-4)
+
+
+def test_filler_slots_are_hidden_in_every_mask_format():
+    from pyramidkv.patch import _hide_filler_slots
+
+    fillers = torch.tensor([[True, True, False], [False, False, False]])  # row 0: its first 2 slots are fillers
+    query, key = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 5, 8)  # 2 queries over 5 cache slots
+    causal = torch.tensor([[True, True, True, True, False], [True] * 5])
+    expected = causal[None, None].repeat(2, 1, 1, 1)
+    expected[0, :, :, :2] = False
+    for mask in (None, causal[None, None]):  # sdpa: no mask, or one shared by the batch
+        assert torch.equal(_hide_filler_slots(mask, fillers, query, key, "sdpa"), expected)
+    additive = _hide_filler_slots(None, fillers, query, key, "eager")
+    assert torch.equal(additive == 0, expected)
+    assert additive.dtype == torch.float32 and additive.min() == torch.finfo(torch.float32).min
+    flash = _hide_filler_slots(torch.ones(2, 5, dtype=torch.bool), fillers, query, key, "flash")
+    assert flash.tolist() == [[False, False, True, True, True], [True] * 5]
+    assert torch.equal(_hide_filler_slots(None, fillers, query, key, "flash"), flash)
