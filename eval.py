@@ -5,8 +5,11 @@
     python eval.py --results_dir results_ruler/pyramidkv-tiny-llama_128      # RULER tree (auto)
 
 LongBench tree: {results_dir}/{dataset}/{method}.json; RULER tree: {results_dir}/{length}/{task}/
-{method}.json. Method names are the file names as found. Malformed lines are reported with file:line
-and skipped (never counted as zero); repeated ids are counted once.
+{method}.json. Method names are the file names as found. Malformed or non-UTF-8 lines are reported with
+file:line and skipped (never counted as zero); repeated ids are counted once. A tree that holds both
+LongBench and RULER results is refused unless --benchmark picks one (the runners default to separate
+roots, results_long_bench/ and results_ruler/). The table is printed before results.json/.csv are
+written; when they cannot be written (read-only directory) a one-line warning says so.
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ def warn(message: str) -> None:
 def read_predictions(path: str, required: tuple, id_key: str) -> list[dict]:
     """Valid records of a jsonl prediction file; bad lines are reported (file:line) and skipped."""
     records, seen = [], set()
-    for line_no, record, json_error, missing in iter_jsonl(path, required):
-        if json_error is not None:
-            warn(f"{path}:{line_no}: malformed JSON ({json_error}); line skipped")
+    for line_no, record, error, missing in iter_jsonl(path, required):
+        if error is not None:
+            warn(f"{path}:{line_no}: {error}; line skipped")
             continue
         if missing:
             warn(f"{path}:{line_no}: missing {', '.join(missing)}; line skipped")
@@ -52,8 +55,16 @@ def read_predictions(path: str, required: tuple, id_key: str) -> list[dict]:
 
 def method_files(directory: str) -> list[tuple[str, str]]:
     """(method, path) for every {method}.json in a directory, sorted by method."""
-    return sorted((name[:-5], os.path.join(directory, name)) for name in os.listdir(directory)
-                  if name.endswith(".json") and os.path.isfile(os.path.join(directory, name)))
+    found = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.endswith(".json"):
+            continue
+        if os.path.isdir(path):
+            warn(f"{path}: a directory, not a prediction file; skipped")
+            continue
+        found.append((name[:-5], path))
+    return found
 
 
 def _mean(values: list) -> float | None:
@@ -127,8 +138,21 @@ def longbench_table(results: dict, longbench_e: bool) -> tuple[list[str], list[l
 # ----------------------------------------------------------------------------- RULER
 
 def is_ruler_tree(results_dir: str) -> bool:
-    return any(name.isdigit() and os.path.isdir(os.path.join(results_dir, name))
-               for name in os.listdir(results_dir))
+    return bool(ruler_length_dirs(results_dir))
+
+
+def ruler_length_dirs(results_dir: str) -> list[str]:
+    return sorted(name for name in os.listdir(results_dir)
+                  if name.isdigit() and os.path.isdir(os.path.join(results_dir, name)))
+
+
+def longbench_dataset_dirs(results_dir: str) -> list[str]:
+    names = []
+    for name in sorted(os.listdir(results_dir)):
+        dataset = name[:-2] if name.endswith("_e") else name
+        if dataset in metrics.DATASET_TO_METRIC and os.path.isdir(os.path.join(results_dir, name)):
+            names.append(name)
+    return names
 
 
 def score_ruler(results_dir: str) -> dict:
@@ -192,12 +216,18 @@ def format_table(header: list[str], rows: list[list], key_columns: int) -> str:
 
 def smoke_note(results_dir: str) -> str | None:
     path = os.path.join(results_dir, "run_meta.json")
+    if not os.path.exists(path):
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warn(f"{path} is not readable JSON ({err}); scored without it")
         return None
-    smoke = sorted(m for m, e in meta.items() if e.get("protocol", {}).get("data_source") == "smoke")
+    if not isinstance(meta, dict):
+        return None
+    smoke = sorted(m for m, e in meta.items()
+                   if isinstance(e, dict) and e.get("protocol", {}).get("data_source") == "smoke")
     if smoke:
         return (f"note: {', '.join(smoke)} ran on the bundled smoke sample (NOT LongBench); "
                 "these numbers only show the pipeline works")
@@ -212,14 +242,22 @@ def main(argv=None) -> int:
                              "or run_ruler.py")
     parser.add_argument("--longbench_e", action="store_true",
                         help="score {dataset}_e directories per length bucket (0-4k, 4-8k, 8k+); "
-                             "writes results_e.json / results_e.csv")
+                             "writes results_e.json / results_e.csv (default: off)")
     parser.add_argument("--benchmark", default="auto", choices=("auto", "longbench", "ruler"),
-                        help="auto: RULER when the tree has numeric length directories")
+                        help="auto: RULER when the tree has numeric length directories, LongBench otherwise; "
+                             "a tree with both is refused (default: auto)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.results_dir):
-        print(f"error: results directory {args.results_dir!r} does not exist", file=sys.stderr)
+        what = "is not a directory" if os.path.exists(args.results_dir) else "does not exist"
+        print(f"error: results directory {args.results_dir!r} {what}", file=sys.stderr)
         return 2
-    ruler = args.benchmark == "ruler" or (args.benchmark == "auto" and is_ruler_tree(args.results_dir))
+    lengths, datasets = ruler_length_dirs(args.results_dir), longbench_dataset_dirs(args.results_dir)
+    if args.benchmark == "auto" and lengths and datasets:
+        print(f"error: {args.results_dir} mixes RULER results ({', '.join(lengths[:3])}/) and LongBench results "
+              f"({', '.join(datasets[:3])}/); pass --benchmark ruler or --benchmark longbench to score one "
+              "(the runners' default roots keep them apart: results_ruler/, results_long_bench/)", file=sys.stderr)
+        return 2
+    ruler = args.benchmark == "ruler" or (args.benchmark == "auto" and bool(lengths))
     if ruler:
         results = score_ruler(args.results_dir)
         header, rows = ruler_table(results)
@@ -234,13 +272,18 @@ def main(argv=None) -> int:
     if not results:
         print(f"error: no prediction files found under {args.results_dir}", file=sys.stderr)
         return 2
-    with open(os.path.join(args.results_dir, f"{stem}.json"), "w", encoding="utf-8") as f:
-        json.dump(json_results, f, indent=2)
-    write_csv(os.path.join(args.results_dir, f"{stem}.csv"), header, rows)
-    print(format_table(header, rows, key_columns))
+    print(format_table(header, rows, key_columns))  # before writing: a read-only tree still gets its table
     note = smoke_note(args.results_dir)
     if note:
         print(note)
+    try:
+        with open(os.path.join(args.results_dir, f"{stem}.json"), "w", encoding="utf-8") as f:
+            json.dump(json_results, f, indent=2)
+        write_csv(os.path.join(args.results_dir, f"{stem}.csv"), header, rows)
+    except OSError as err:
+        warn(f"could not write {os.path.join(args.results_dir, stem)}.json/.csv ({err.strerror or err}); "
+             "the table above is not saved")
+        return 0
     print(f"wrote {os.path.join(args.results_dir, stem)}.json and .csv")
     return 0
 

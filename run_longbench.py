@@ -3,8 +3,10 @@
     python run_longbench.py --method PyramidKV --max_capacity_prompts 128 --model_path ckpt/...
 
 Writes {save_dir}/{model_name}_{max_capacity_prompts}/{dataset}/{method}.json (one JSON line per
-sample, appended and flushed; a rerun skips finished _ids) and run_meta.json beside the dataset
-directories. Score with: python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
+sample, appended and flushed; a rerun with the same settings skips finished _ids, one with other
+settings is refused: pyramidkv/results_dir.py) and run_meta.json beside the dataset directories.
+Everything (flags, method config, model path, data files, save dir, earlier results) is checked before
+the model loads. Score with: python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
 """
 from __future__ import annotations
 
@@ -13,26 +15,28 @@ import os
 import sys
 
 from pyramidkv import longbench as lb
-from pyramidkv import predict, result_files
+from pyramidkv import predict, result_files, results_dir
+
+DEFAULT_SAVE_DIR = "results_long_bench"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="LongBench predictions with the official protocol (prompts, middle truncation, "
                     "greedy decoding, official max new tokens).")
-    predict.add_common_args(parser)
+    predict.add_common_args(parser, save_dir=DEFAULT_SAVE_DIR)
     g = parser.add_argument_group("LongBench")
     g.add_argument("--datasets", default=None,
                    help="comma list of datasets; default: the 16 English sets (13 with --longbench_e); "
-                        "'all' = all 21 (13 for LongBench-E)")
+                        "'all' = all 21 (13 for LongBench-E) (default: the English sets)")
     g.add_argument("--longbench_e", action="store_true",
-                   help="LongBench-E: read {dataset}_e.jsonl, write {dataset}_e/ directories")
+                   help="LongBench-E: read {dataset}_e.jsonl, write {dataset}_e/ directories (default: off)")
     g.add_argument("--data_dir", default=None,
                    help="directory with {dataset}.jsonl (default: data/LongBench; when absent, the "
                         "bundled smoke sample data/longbench_smoke, which is NOT LongBench)")
     g.add_argument("--from_hub", action="store_true",
-                   help=f"load the data from the hub ({lb.HUB_REPO}, needs the `datasets` package)")
-    g.add_argument("--max_num_examples", type=int, default=None, help="first N samples per dataset")
+                   help=f"load the data from the hub ({lb.HUB_REPO}, needs the `datasets` package) (default: off, local files)")
+    g.add_argument("--max_num_examples", type=int, default=None, help="first N samples per dataset (default: all)")
     g.add_argument("--max_length", type=int, default=None,
                    help="max prompt tokens before middle truncation (default: official value for "
                         "known models, else max_position_embeddings - 500)")
@@ -64,38 +68,47 @@ def main(argv=None) -> None:
         raise predict.CLIError(f"--eval_batch_size {args.eval_batch_size} must be at least 1")
     if args.max_num_examples is not None and args.max_num_examples < 1:
         raise predict.CLIError(f"--max_num_examples {args.max_num_examples} must be at least 1")
-    predict.validate_method_args(args)
+    if args.max_length is not None and args.max_length <= 1:
+        raise predict.CLIError(f"--max_length {args.max_length} is too small; give at least 2 tokens")
+    predict.validate_method_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
     datasets = lb.parse_datasets(args.datasets, args.longbench_e)
     data_dir, data_source = (None, "hub") if args.from_hub else lb.resolve_data_dir(args.data_dir)
     if data_source == "smoke" and args.longbench_e:
         raise predict.CLIError(f"LongBench-E needs {lb.DEFAULT_DATA_DIR}/{{dataset}}_e.jsonl files (the bundled "
                                "smoke sample has none); unzip LongBench's data.zip there or pass --data_dir")
+    resolved = predict.resolve_model(args)
+    results_dir.check_writable(args.save_dir)
     if data_source == "smoke":
         print(f"note: {lb.DEFAULT_DATA_DIR} not found; using the bundled smoke sample {data_dir} "
               "(self-written text in LongBench format, NOT LongBench: scores are not comparable "
               "to published tables)", file=sys.stderr, flush=True)
     samples = load_samples(args, datasets, data_dir)  # fail on missing/bad data before loading a model
+    out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+    settings = results_dir.run_settings(args, {
+        "benchmark": "LongBench", "max_length": args.max_length,
+        "data": "hub" if args.from_hub else os.path.realpath(data_dir)})
+    results_dir.check_settings(out_dir, settings, resolved.fingerprint())
+    dir_names = [f"{d}_e" if args.longbench_e else d for d in datasets]
+    with results_dir.locked([os.path.join(out_dir, name, f"{args.method}.json") for name in dir_names]):
+        predict.set_seed(args.seed)
+        model, tokenizer = predict.load_model_and_tokenizer(args)
+        max_length, max_length_source = lb.model_max_length(resolved.name, model.config, args.max_length)
+        config = predict.method_config(args)
+        chat = predict.uses_chat_template(tokenizer, args.chat_template)
+        predict.write_run_meta(out_dir, args, {
+            "benchmark": "LongBench-E" if args.longbench_e else "LongBench",
+            "data_source": data_source, "data_dir": data_dir, "datasets": datasets,
+            "max_length": max_length, "max_length_source": max_length_source,
+            "chat_template_applied": chat, "dtype": str(model.dtype), "eval_batch_size": args.eval_batch_size,
+            "max_new_tokens": {d: lb.DATASET_TO_MAX_NEW_TOKENS[d] for d in datasets},
+            **lb.protocol_record(),
+        }, settings)
+        print(f"model max prompt length {max_length} ({max_length_source}); chat template: "
+              f"{'yes' if chat else 'no'}; results -> {out_dir}", file=sys.stderr, flush=True)
 
-    predict.set_seed(args.seed)
-    model, tokenizer = predict.load_model_and_tokenizer(args)
-    max_length, max_length_source = lb.model_max_length(predict.model_name(args), model.config, args.max_length)
-    config = predict.method_config(args)
-    out_dir = os.path.join(args.save_dir, f"{predict.model_name(args)}_{args.max_capacity_prompts}")
-    chat = predict.uses_chat_template(tokenizer, args.chat_template)
-    predict.write_run_meta(out_dir, args, {
-        "benchmark": "LongBench-E" if args.longbench_e else "LongBench",
-        "data_source": data_source, "data_dir": data_dir, "datasets": datasets,
-        "max_length": max_length, "max_length_source": max_length_source,
-        "chat_template_applied": chat, "dtype": str(model.dtype), "eval_batch_size": args.eval_batch_size,
-        "max_new_tokens": {d: lb.DATASET_TO_MAX_NEW_TOKENS[d] for d in datasets},
-        **lb.protocol_record(),
-    })
-    print(f"model max prompt length {max_length} ({max_length_source}); chat template: "
-          f"{'yes' if chat else 'no'}; results -> {out_dir}", file=sys.stderr, flush=True)
-
-    from tqdm import tqdm
-    for dataset in datasets:
-        run_dataset(args, model, tokenizer, dataset, samples[dataset], out_dir, max_length, config, tqdm)
+        from tqdm import tqdm
+        for dataset in datasets:
+            run_dataset(args, model, tokenizer, dataset, samples[dataset], out_dir, max_length, config, tqdm)
 
 
 def run_dataset(args, model, tokenizer, dataset, samples, out_dir, max_length, config, tqdm) -> None:

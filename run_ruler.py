@@ -6,7 +6,9 @@ Samples come from {data_dir}/{length}/{task}.jsonl when --data_dir holds them (w
 `python -m pyramidkv.ruler`), otherwise they are generated on the fly with the model's own tokenizer
 (deterministic in --seed). Writes {save_dir}/{model_name}_{max_capacity_prompts}/{length}/{task}/
 {method}.json (one JSON line per sample: pred, outputs, length, index, depth; appended and flushed; a
-rerun skips finished indices) and run_meta.json. Score with:
+rerun with the same settings skips finished indices, one with other settings is refused:
+pyramidkv/results_dir.py) and run_meta.json. Flags, method config, model path, data files, save dir and
+earlier results are all checked before the model loads. Score with:
     python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import os
 import sys
 
-from pyramidkv import predict, result_files
+from pyramidkv import predict, result_files, results_dir
 from pyramidkv.ruler import DEFAULT_TASKS, TASKS, generate_sample, parse_task_list, tokens_to_generate
 from pyramidkv.ruler.__main__ import parse_lengths
 from pyramidkv.ruler.dataset import dataset_path, read_dataset, read_meta
@@ -23,12 +25,15 @@ from pyramidkv.ruler.haystacks import ESSAY_SOURCE
 from pyramidkv.ruler.qa import find_qa_file
 from pyramidkv.ruler.spec import task_args
 
+DEFAULT_SAVE_DIR = "results_ruler"
+GENERATED = "generated on the fly"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="RULER predictions (Hsieh et al., 2024): synthetic long-context tasks generated "
                     "offline in the model's own tokens, greedy decoding, RULER's tokens_to_generate.")
-    predict.add_common_args(parser)
+    predict.add_common_args(parser, save_dir=DEFAULT_SAVE_DIR)
     g = parser.add_argument_group("RULER")
     g.add_argument("--context_lengths", default="4096",
                    help="comma list of total lengths in tokens (prompt + tokens_to_generate) (default: 4096)")
@@ -45,33 +50,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def data_source(args, task: str, length: int) -> str:
     path = dataset_path(args.data_dir, length, task) if args.data_dir else None
-    return path if path and os.path.exists(path) else "generated on the fly"
+    return path if path and os.path.exists(path) else GENERATED
 
 
-def sample_getter(args, tokenizer, task: str, length: int, chat: bool):
-    """index -> sample: from the pre-generated file when there is one, else generated now."""
+def read_pregenerated(args, task: str, length: int) -> dict | None:
+    """{index: sample} of the pre-generated file for (task, length), None when there is none; one-line
+    errors for a bad file or missing indices."""
     path = data_source(args, task, length)
-    if path != "generated on the fly":
-        samples = {s["index"]: s for s in read_dataset(path)}
-        missing = [i for i in range(args.num_samples) if i not in samples]
-        if missing:
-            raise predict.CLIError(f"{path} has no sample index {missing[0]} (needs 0..{args.num_samples - 1}); "
-                                   "regenerate it with python -m pyramidkv.ruler --num_samples N")
+    if path == GENERATED:
+        return None
+    samples = {s["index"]: s for s in read_dataset(path)}
+    missing = [i for i in range(args.num_samples) if i not in samples]
+    if missing:
+        raise predict.CLIError(f"{path} has no sample index {missing[0]} (needs 0..{args.num_samples - 1}); "
+                               "regenerate it with python -m pyramidkv.ruler --num_samples N")
+    read_meta(path)  # a corrupt .meta.json fails here, before the model loads
+    return samples
+
+
+def sample_getter(args, tokenizer, task: str, length: int, chat: bool, samples: dict | None = None,
+                  model_name: str | None = None):
+    """index -> sample: from the pre-generated file when there is one, else generated now."""
+    samples = read_pregenerated(args, task, length) if samples is None else samples
+    if samples is not None:
+        path = data_source(args, task, length)
         meta = read_meta(path) or {}
-        if meta and (meta.get("seed") != args.seed or meta.get("chat_template") != chat):
-            print(f"warning: {path} was generated with seed={meta.get('seed')} chat_template="
-                  f"{meta.get('chat_template')}, this run uses seed={args.seed} chat_template={chat}",
-                  file=sys.stderr, flush=True)
+        made = {"seed": meta.get("seed"), "chat_template": meta.get("chat_template"), "tokenizer": meta.get("tokenizer")}
+        now = {"seed": args.seed, "chat_template": chat, "tokenizer": model_name or made["tokenizer"]}
+        if meta and made != now:
+            print(f"warning: {path} was generated with {made}, this run uses {now}", file=sys.stderr, flush=True)
         return samples.__getitem__
     return lambda i: generate_sample(task, tokenizer, length, i, args.seed, chat_template=chat,
                                      qa_dir=args.qa_dir)
 
 
-def run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm) -> None:
-    out_path = os.path.join(out_dir, str(length), task, f"{args.method}.json")
+def results_path(out_dir: str, length: int, task: str, method: str) -> str:
+    return os.path.join(out_dir, str(length), task, f"{method}.json")
+
+
+def run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm, get_sample) -> None:
+    out_path = results_path(out_dir, length, task, args.method)
     done = result_files.load_done_ids(out_path, key="index")
     pending = [i for i in range(args.num_samples) if i not in done]
-    get_sample = sample_getter(args, tokenizer, task, length, chat)
     progress = tqdm(total=args.num_samples, initial=args.num_samples - len(pending),
                     desc=f"{task}@{length}", unit="sample")
     for start in range(0, len(pending), args.eval_batch_size):
@@ -96,35 +116,45 @@ def main(argv=None) -> None:
     for name, value in (("--num_samples", args.num_samples), ("--eval_batch_size", args.eval_batch_size)):
         if value < 1:
             raise predict.CLIError(f"{name} {value} must be at least 1")
-    predict.check_method(args.method)
+    predict.validate_method_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
     for task in tasks:  # fail on missing QA files before loading a model
         if task.startswith("qa_"):
             find_qa_file(task_args(task)["dataset"], args.qa_dir)
+    resolved = predict.resolve_model(args)
+    results_dir.check_writable(args.save_dir)
+    pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}
+    out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+    real = (lambda path: os.path.realpath(path) if path else None)
+    settings = results_dir.run_settings(args, {"benchmark": "RULER", "data_dir": real(args.data_dir),
+                                               "qa_dir": real(args.qa_dir)})
+    results_dir.check_settings(out_dir, settings, resolved.fingerprint())
+    paths = [results_path(out_dir, length, task, args.method) for length in lengths for task in tasks]
+    with results_dir.locked(paths):
+        predict.set_seed(args.seed)
+        model, tokenizer = predict.load_model_and_tokenizer(args)
+        config = predict.method_config(args)
+        chat = predict.uses_chat_template(tokenizer, args.chat_template)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions and max(lengths) > max_positions:
+            print(f"warning: context length {max(lengths)} exceeds the model's max_position_embeddings "
+                  f"{max_positions}", file=sys.stderr, flush=True)
+        meta = {"benchmark": "RULER", "tasks": tasks, "context_lengths": lengths, "num_samples": args.num_samples,
+                "generation_seed": args.seed, "chat_template_applied": chat, "dtype": str(model.dtype),
+                "eval_batch_size": args.eval_batch_size, "essay_haystack": ESSAY_SOURCE,
+                "tokens_to_generate": {t: tokens_to_generate(t) for t in tasks},
+                "data_dir": args.data_dir, "decoding": "greedy",
+                "data_sources": {f"{length}/{task}": data_source(args, task, length)
+                                 for length in lengths for task in tasks}}
+        predict.write_run_meta(out_dir, args, meta, settings)
+        print(f"RULER {args.method} budget {args.max_capacity_prompts}; chat template: {'yes' if chat else 'no'}; "
+              f"results -> {out_dir}", file=sys.stderr, flush=True)
 
-    predict.set_seed(args.seed)
-    model, tokenizer = predict.load_model_and_tokenizer(args)
-    config = predict.method_config(args)
-    chat = predict.uses_chat_template(tokenizer, args.chat_template)
-    out_dir = os.path.join(args.save_dir, f"{predict.model_name(args)}_{args.max_capacity_prompts}")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and max(lengths) > max_positions:
-        print(f"warning: context length {max(lengths)} exceeds the model's max_position_embeddings "
-              f"{max_positions}", file=sys.stderr, flush=True)
-    meta = {"benchmark": "RULER", "tasks": tasks, "context_lengths": lengths, "num_samples": args.num_samples,
-            "generation_seed": args.seed, "chat_template_applied": chat, "dtype": str(model.dtype),
-            "eval_batch_size": args.eval_batch_size, "essay_haystack": ESSAY_SOURCE,
-            "tokens_to_generate": {t: tokens_to_generate(t) for t in tasks},
-            "data_dir": args.data_dir, "decoding": "greedy",
-            "data_sources": {f"{length}/{task}": data_source(args, task, length)
-                             for length in lengths for task in tasks}}
-    predict.write_run_meta(out_dir, args, meta)
-    print(f"RULER {args.method} budget {args.max_capacity_prompts}; chat template: {'yes' if chat else 'no'}; "
-          f"results -> {out_dir}", file=sys.stderr, flush=True)
-
-    from tqdm import tqdm
-    for length in lengths:
-        for task in tasks:
-            run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm)
+        from tqdm import tqdm
+        for length in lengths:
+            for task in tasks:
+                get_sample = sample_getter(args, tokenizer, task, length, chat, pregenerated[(length, task)],
+                                           resolved.name)
+                run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm, get_sample)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ def load_jsonl_samples(path: str, dataset: str) -> list[dict]:
             f"https://huggingface.co/datasets/{HUB_REPO} and unzip its data/*.jsonl into "
             f"{os.path.dirname(path) or '.'}/ (or pass --data_dir DIR, or --from_hub with `datasets`)")
     samples = read_jsonl_strict(path, REQUIRED_FIELDS, "LongBench")
+    if not samples:  # a run over it would predict nothing and still exit 0
+        raise CLIError(f"LongBench file {path} has no samples; restore it from LongBench's data.zip or "
+                       "leave the dataset out of --datasets")
     for sample in samples:
         sample.setdefault("dataset", dataset)
     return samples
@@ -99,6 +102,8 @@ def load_hub_samples(dataset: str, longbench_e: bool = False) -> list[dict]:
     except Exception as err:  # network, auth or format problems: keep the message to one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CLIError(f"cannot load {HUB_REPO}/{name} from the hub: {first}") from err
+    if len(rows) == 0:
+        raise CLIError(f"{HUB_REPO}/{name} on the hub has no test samples")
     return [dict(row) for row in rows]
 
 

@@ -26,6 +26,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("maxpool", "avgpool")
 CHAT_TEMPLATE_MODES = ("auto", "none")
+GQA_SELECTIONS = ("kv_head", "query_head")  # pyramidkv.methods.base validates (importing it needs torch)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 logger = logging.getLogger("pyramidkv.predict")
 _kept_counts_logged: set = set()  # (method, model id) pairs already logged this process
@@ -35,49 +37,61 @@ class CLIError(ValueError):
     """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every runner (names follow PyramidKV/KVCache-Factory scripts)."""
+def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results") -> None:
+    """Flags shared by every runner (names follow PyramidKV/KVCache-Factory scripts); save_dir is the
+    runner's default --save_dir (one per benchmark, so eval.py never sees a mixed tree by default).
+
+    Nothing here imports torch, so `--help` stays fast."""
     g = parser.add_argument_group("model and compression")
     g.add_argument("--method", default="FullKV",
-                   help="compression method (case-insensitive): FullKV, SnapKV, PyramidKV, H2O, "
-                        "StreamingLLM, L2Norm, ... (default: FullKV)")
+                   help="compression method (any case; aliases knorm/knormpress = L2Norm, streaming = "
+                        "StreamingLLM): FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm (default: FullKV)")
     g.add_argument("--model_path", default=DEFAULT_MODEL,
                    help="short name (smollm2 = SmolLM2-135M-Instruct from the registry package; tiny = the "
                         "embedded ckpt/pyramidkv-tiny-llama), a checkpoint dir, a .gguf file or an org/name "
                         f"hub id (default: {DEFAULT_MODEL})")
-    g.add_argument("--save_dir", default="results", help="root directory for predictions (default: results)")
+    g.add_argument("--save_dir", default=save_dir,
+                   help=f"root directory for predictions; results go to {{save_dir}}/{{model}}_{{budget}} "
+                        f"(default: {save_dir})")
     g.add_argument("--max_capacity_prompts", type=int, default=128,
                    help="KV entries kept per layer and KV head, window included (default: 128)")
-    g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel (default: sdpa)")
     g.add_argument("--window_size", type=int, default=8, help="observation window (default: 8)")
     g.add_argument("--kernel_size", type=int, default=7, help="pooling kernel (default: 7)")
-    g.add_argument("--pooling", default="maxpool", choices=POOLINGS)
-    g.add_argument("--beta", type=float, default=None, help="PyramidKV budget ratio (method default if unset)")
-    g.add_argument("--sink_size", type=int, default=None, help="StreamingLLM sink tokens (method default if unset)")
+    g.add_argument("--pooling", default="maxpool", choices=POOLINGS, help="vote pooling (default: maxpool)")
+    g.add_argument("--beta", type=float, default=None, help="PyramidKV budget ratio (default: the method's, 20)")
+    g.add_argument("--sink_size", type=int, default=None, help="StreamingLLM sink tokens (default: the method's, 4)")
     g.add_argument("--skip_layers", type=int, default=None,
-                   help="L2Norm: first layers left uncompressed (method default 2 if unset)")
-    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32")
-    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--eval_batch_size", type=int, default=1, help="prompts per generate call (left padded)")
+                   help="L2Norm: first layers left uncompressed (default: the method's, 2)")
+    g.add_argument("--gqa_selection", default=None, choices=GQA_SELECTIONS,
+                   help="kv_head: one selection per KV head (scores averaged over its query heads); "
+                        "query_head: per query head, as KVCache-Factory (default: the method's, kv_head)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32 (default: auto)")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available (default: auto)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (RULER: also of the samples) (default: 42)")
+    g.add_argument("--eval_batch_size", type=int, default=1, help="prompts per generate call (left padded) (default: 1)")
     g.add_argument("--num_threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on CPU)")
     g.add_argument("--chat_template", default="auto", choices=CHAT_TEMPLATE_MODES,
-                   help="auto: wrap prompts with the tokenizer's chat template when it has one")
+                   help="auto: wrap prompts with the tokenizer's chat template when it has one (default: auto)")
 
 
-def check_method(name: str) -> None:
-    """Fail early (before loading a model) on an unknown method name."""
+def check_method(name: str) -> str:
+    """The canonical name of a method (any case, the library's aliases too); one-line CLIError on an
+    unknown name. Runners use it for file names and run_meta keys, so `snapkv` resumes `SnapKV.json`."""
     import pyramidkv
-    known = pyramidkv.list_methods()
-    if name.lower() not in {m.lower() for m in known}:
-        raise CLIError(f"unknown method {name!r}; choose one of: {', '.join(known)}")
+    try:
+        return pyramidkv.canonical_name(name)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def validate_method_args(args) -> None:
-    """Check --method and its settings before any model is loaded (one-line errors)."""
+    """Check --method and its settings before any model is loaded (one-line errors); canonicalizes
+    args.method."""
     import pyramidkv
-    check_method(args.method)
+    args.method = check_method(args.method)
     try:
         pyramidkv.build_method(args.method, **method_config(args))
     except ValueError as err:
@@ -92,7 +106,7 @@ def method_config(args) -> dict:
         "kernel_size": args.kernel_size,
         "pooling": args.pooling,
     }
-    for optional in ("beta", "sink_size", "skip_layers"):
+    for optional in ("beta", "sink_size", "skip_layers", "gqa_selection"):
         value = getattr(args, optional, None)
         if value is not None:
             config[optional] = value
@@ -102,9 +116,32 @@ def method_config(args) -> dict:
 def resolve_model(args) -> "models.ResolvedModel":
     """The model --model_path names (one-line CLIError when it names nothing usable); no loading."""
     try:
-        return models.resolve_model(args.model_path)
+        resolved = models.resolve_model(args.model_path)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    if resolved.kind == "dir":
+        check_checkpoint_dir(args.model_path, resolved.path)
+    return resolved
+
+
+def check_checkpoint_dir(spec: str, path: str) -> None:
+    """A directory with a config.json is a model only if that config names a model type and weight and
+    tokenizer files sit beside it (from_pretrained would fail later with a traceback)."""
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"directory {spec!r} is not a model: {config_path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CLIError(f"directory {spec!r} is not a model: {config_path} names no model_type")
+    files = os.listdir(path)
+    if not any(f.endswith(models.WEIGHT_SUFFIXES) or f.endswith(".index.json") for f in files):
+        raise CLIError(f"directory {spec!r} is not a model: no weight files (*.safetensors, *.bin) beside "
+                       "its config.json")
+    if not any(f in TOKENIZER_FILES for f in files):
+        raise CLIError(f"directory {spec!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the "
+                       "tokenizer with the model")
 
 
 def model_name(args) -> str:
@@ -145,7 +182,7 @@ def load_model_and_tokenizer(args):
     try:
         model, tokenizer = models.load_pretrained(
             resolved, dtype, args.attn_implementation, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:  # transformers' messages span lines: keep the first
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIError(f"cannot load model {args.model_path!r} ({resolved.describe()}): {first_line}") from err
     model.to(device).eval()
@@ -153,7 +190,7 @@ def load_model_and_tokenizer(args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.pad_token is None:
-        raise CLIError(f"tokenizer of {path!r} has no pad, eos or unk token to pad batches with")
+        raise CLIError(f"tokenizer of {args.model_path!r} has no pad, eos or unk token to pad batches with")
     return model, tokenizer
 
 
@@ -191,18 +228,25 @@ def _module_version(name: str) -> str | None:
         return None
 
 
-def write_run_meta(directory: str, args, extra: dict) -> None:
-    """Record how predictions were made in {directory}/run_meta.json, keyed by method.
+def write_run_meta(directory: str, args, extra: dict, settings: dict | None = None) -> None:
+    """Record how predictions were made in {directory}/run_meta.json, keyed by canonical method name.
 
     Several methods share one results directory, so each method keeps its own entry; a rerun of a
-    method moves the previous entry into its "previous_runs" list instead of overwriting it.
+    method moves the previous entry into its "previous_runs" list instead of overwriting it. `settings`
+    (results_dir.run_settings; derived from args when None) is what a later rerun must match; the check
+    that runners make before loading the model is repeated here under the file's lock.
     """
     import fcntl
     import torch
     import transformers
 
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "run_meta.json")
+    from . import results_dir
+
+    args.method = check_method(args.method)
+    settings = results_dir.run_settings(args, {}) if settings is None else settings
+    resolved = resolve_model(args)
+    results_dir.make_dirs(directory)
+    path = os.path.join(directory, results_dir.RUN_META)
     device = resolve_device(getattr(args, "device", "auto"))
     entry = {
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -210,6 +254,7 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         "args": {k: v for k, v in sorted(vars(args).items())},
         "method": args.method,
         "method_config": method_config(args),
+        "settings": settings,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -219,25 +264,18 @@ def write_run_meta(directory: str, args, extra: dict) -> None:
         },
         "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
         "protocol": extra,
-        "model": {"spec": args.model_path, "resolved": resolve_model(args).describe()},
-        "model_fingerprint": resolve_model(args).fingerprint(),
+        "model": {"spec": args.model_path, "resolved": resolved.describe()},
+        "model_fingerprint": resolved.fingerprint(),
     }
     lock = os.open(directory, os.O_RDONLY)  # concurrent runs of different methods share this file
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = {}
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        # a rerun skips finished ids, which is only right if they were predicted by this same checkpoint
-        other = sorted({e.get("model_fingerprint") for e in meta.values()} - {None, entry["model_fingerprint"]})
-        if other and entry["model_fingerprint"]:
-            raise CLIError(f"{directory} holds results of another checkpoint named like {args.model_path} "
-                           f"(fingerprint {other[0]}, now {entry['model_fingerprint']}): pass another --save_dir "
-                           "or remove that directory")
-        previous = meta.get(args.method)
-        if previous is not None:
-            entry["previous_runs"] = previous.pop("previous_runs", []) + [previous]
+        meta = results_dir.read_run_meta(directory)
+        results_dir.check_settings(directory, settings, entry["model_fingerprint"], meta)
+        previous = [meta.pop(k) for k in list(meta) if results_dir.same_method(k, args.method)]
+        if previous:  # older files may hold the same method under another spelling ("snapkv")
+            history = [run for p in previous for run in p.pop("previous_runs", []) + [p]]
+            entry["previous_runs"] = sorted(history, key=lambda run: str(run.get("started_at")))
         meta[args.method] = entry
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -338,7 +376,7 @@ def run_cli(main, argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(argv)
-    except (CLIError, FileNotFoundError) as err:
+    except (CLIError, OSError) as err:  # OSError: a file or directory the run cannot read or write
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:  # bad method settings rejected by pyramidkv.compress

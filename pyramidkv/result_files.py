@@ -31,11 +31,12 @@ def load_done_ids(path: str, key: str = "_id") -> set:
             f.truncate(cut)
         data = data[:cut]
     done = set()
-    for line in data.decode("utf-8").splitlines():
-        if not line.strip():
-            continue
+    for line_no, line in enumerate(data.splitlines(), 1):
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8")) if line.strip() else None
+        except UnicodeDecodeError:
+            logger.warning("%s:%d: not UTF-8 text; that sample will be recomputed", path, line_no)
+            continue
         except json.JSONDecodeError:
             continue  # eval.py reports malformed lines with their line number
         if isinstance(record, dict) and key in record:
@@ -44,28 +45,36 @@ def load_done_ids(path: str, key: str = "_id") -> set:
 
 
 def iter_jsonl(path: str, required: tuple):
-    """(line number, record, JSON error message or None, missing required fields) per non-blank line.
+    """(line number, record, error or None, missing required fields) per non-blank line; the error
+    describes a line that is not UTF-8 text or not JSON.
 
     The caller decides what a bad line means: inputs fail (`read_jsonl_strict`), eval.py warns and skips."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    if os.path.isdir(path):
+        raise CLIError(f"{path} is a directory, not a jsonl file")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield line_no, None, f"not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})", []
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                yield line_no, None, err.msg, []
+                yield line_no, None, f"malformed JSON line ({err.msg})", []
                 continue
             missing = [k for k in required if not isinstance(record, dict) or k not in record]
             yield line_no, record, None, missing
 
 
 def read_jsonl_strict(path: str, required: tuple, what: str) -> list[dict]:
-    """Records of an input jsonl file; a malformed line or a missing field is a one-line error (file:line)."""
+    """Records of an input jsonl file; a bad line or a missing field is a one-line error (file:line)."""
     records = []
-    for line_no, record, json_error, missing in iter_jsonl(path, required):
-        if json_error is not None:
-            raise CLIError(f"{path}:{line_no}: malformed JSON line ({json_error})")
+    for line_no, record, error, missing in iter_jsonl(path, required):
+        if error is not None:
+            raise CLIError(f"{path}:{line_no}: {error}")
         if missing:
             raise CLIError(f"{path}:{line_no}: missing field(s) {', '.join(missing)} "
                            f"(a {what} line needs {', '.join(required)})")

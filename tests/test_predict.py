@@ -35,9 +35,15 @@ def test_defaults_and_method_config():
 
 
 def test_unknown_method_is_one_line_error():
-    with pytest.raises(predict.CLIError, match=r"unknown method 'nope'; choose one of: FullKV, SnapKV"):
+    with pytest.raises(predict.CLIError, match=r"unknown method 'nope'; valid choices: FullKV, SnapKV.*aliases"):
         predict.check_method("nope")
-    predict.check_method("pyramidkv")  # any case
+    assert predict.check_method("pyramidkv") == "PyramidKV"  # any case, canonical spelling back
+    # every alias the library accepts (issue 16 item 11)
+    assert [predict.check_method(a) for a in ("knorm", "STREAMING", "knormpress")] == ["L2Norm", "StreamingLLM",
+                                                                                     "L2Norm"]
+    args = parse(["--method", "snapkv"])
+    predict.validate_method_args(args)
+    assert args.method == "SnapKV"
     with pytest.raises(predict.CLIError, match="window_size=200"):
         predict.validate_method_args(parse(["--method", "SnapKV", "--window_size", "200"]))
     with pytest.raises(predict.CLIError, match="unknown config"):
@@ -75,7 +81,8 @@ def test_write_run_meta_keeps_each_method_and_history(tmp_path):
 def test_results_of_another_checkpoint_are_not_resumed(tmp_path):
     model_dir, out = tmp_path / "tiny", str(tmp_path / "results")
     model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "tokenizer.json").write_text("{}")
     (model_dir / "model.safetensors").write_bytes(b"old weights")
     args = parse(["--method", "SnapKV", "--model_path", str(model_dir)])
     predict.write_run_meta(out, args, {})

@@ -26,27 +26,57 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pyramidkv.predict import DEFAULT_MODEL_PATH
+    from pyramidkv.models import DEFAULT_MODEL, SHORT_NAMES
 
     parser = argparse.ArgumentParser(prog="python -m pyramidkv.ruler", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", default=DEFAULT_MODEL_PATH,
-                        help="tokenizer dir or hub id; lengths are counted in its tokens "
-                             "(default: the embedded ckpt/pyramidkv-tiny-llama)")
+    parser.add_argument("--tokenizer", default=DEFAULT_MODEL,
+                        help="the model whose tokens lengths are counted in, named as run_ruler.py's "
+                             f"--model_path ({', '.join(SHORT_NAMES)}, a checkpoint or tokenizer dir, a .gguf "
+                             f"file, a hub id) (default: {DEFAULT_MODEL}, as run_ruler.py)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help=f"comma list of {', '.join(TASKS)}; 'all' or 'default' "
                              "(default: the 11 offline tasks)")
-    parser.add_argument("--context_lengths", default="4096", help="comma list of target lengths in tokens")
-    parser.add_argument("--num_samples", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--context_lengths", default="4096",
+                        help="comma list of target lengths in tokens (default: 4096)")
+    parser.add_argument("--num_samples", type=int, default=100, help="samples per task and length (default: 100)")
+    parser.add_argument("--seed", type=int, default=42, help="sample seed (default: 42)")
     parser.add_argument("--data_dir", default="data/ruler", help="output root (default: data/ruler)")
     parser.add_argument("--chat_template", default="auto", choices=("auto", "none"),
-                        help="auto: wrap each sample in the tokenizer's chat template when it has one")
+                        help="auto: wrap each sample in the tokenizer's chat template when it has one (default: auto)")
     parser.add_argument("--haystack", default=None, choices=HAYSTACKS,
                         help="override the haystack of niah/vt tasks (default: RULER's per task)")
     parser.add_argument("--qa_dir", default=None,
                         help="folder holding squad.json / hotpotqa.json for qa_1/qa_2 (default: data/)")
     return parser
+
+
+def load_tokenizer(spec: str):
+    """(tokenizer, model name) for --tokenizer: a tokenizer-only dir as is, else what
+    pyramidkv.models.resolve_model makes of it (smollm2's tokenizer comes from its GGUF file, or from
+    the dequantized copy once one is cached); one-line ValueError for anything that is not a tokenizer."""
+    from pyramidkv import models
+    from pyramidkv.predict import TOKENIZER_FILES
+
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        source, extra, name = path, {}, os.path.basename(os.path.normpath(path))
+    else:
+        resolved = models.resolve_model(spec)  # one-line ValueError for a missing path or a non-model dir
+        cached = models.dequantized_dir(resolved) if resolved.kind == "gguf" else None
+        if cached and os.path.isfile(os.path.join(cached, "config.json")):
+            source, extra = cached, {}
+        elif resolved.kind == "gguf":
+            source, extra = os.path.dirname(resolved.path), {"gguf_file": os.path.basename(resolved.path)}
+        else:
+            source, extra = resolved.path, {}
+        name = resolved.name
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra), name
+    except (OSError, ValueError, KeyError, TypeError) as err:  # transformers' messages span lines
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"--tokenizer {spec!r} is not a tokenizer ({first})") from None
 
 
 def main(argv=None) -> int:
@@ -56,13 +86,8 @@ def main(argv=None) -> int:
         lengths = parse_lengths(args.context_lengths)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
-        if not os.path.exists(args.tokenizer) and (os.path.isabs(args.tokenizer) or args.tokenizer.startswith(".")):
-            raise FileNotFoundError(f"tokenizer path {args.tokenizer} does not exist; pass --tokenizer <dir>")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer, name = load_tokenizer(args.tokenizer)
         chat = args.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        name = os.path.basename(os.path.normpath(args.tokenizer))
         for length in lengths:
             for task in tasks:
                 override = args.haystack if args.haystack in haystack_choices(task) else None

@@ -51,5 +51,11 @@ def read_meta(path: str) -> dict | None:
     meta_path = path[:-len(".jsonl")] + ".meta.json"
     if not os.path.exists(meta_path):
         return None
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        from ..predict import CLIError
+        raise CLIError(f"{meta_path} is not readable JSON ({err}); regenerate the data with "
+                       "python -m pyramidkv.ruler") from None
+    return meta if isinstance(meta, dict) else None

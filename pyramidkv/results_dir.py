@@ -1,0 +1,195 @@
+"""Who may write a results directory, checked before any model loads.
+
+A results directory ({save_dir}/{model}_{budget}) holds one {Method}.json per dataset or task and a
+run_meta.json with one entry per method. A method's results files belong to ONE setting (`run_settings`:
+the full method config, the model fingerprint and every protocol choice that can change a
+prediction). A rerun with the same setting resumes (finished ids are skipped); a rerun with another
+setting while that method's results files exist is refused with the differing settings, since
+resuming would mix predictions made two ways in one file. Other methods may join the directory.
+While a run writes a results file it holds `{file}.lock` (fcntl, non-blocking), so a second run of
+the same method into the same file fails at once and is told who holds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import sys
+
+from .predict import CLIError
+
+RUN_META = "run_meta.json"
+LOCK_SUFFIX = ".lock"
+
+
+# ---- the setting a results file belongs to --------------------------------------------------------
+def run_settings(args, protocol: dict) -> dict:
+    """Everything that can change a prediction, flat (so differences read as `seed 42 -> 7`).
+
+    The method's full config comes from the built method, so its defaults (beta, sink_size, ...) and any
+    field added later are part of it. dtype and device are resolved ("auto" is bfloat16 on cuda).
+    Not part of it: --eval_batch_size (a left-padded row equals its single run for every method, a
+    library guarantee with tests, so a killed run may resume with another batch size; run_meta records
+    it), --num_threads, and which tasks / lengths / datasets / how many samples (they choose files and
+    ids, not what one prediction is)."""
+    import pyramidkv
+    from . import predict
+
+    method = pyramidkv.build_method(args.method, **predict.method_config(args))
+    device = predict.resolve_device(getattr(args, "device", "auto"))
+    settings = {"method": method.name}
+    settings.update({f.name: getattr(method, f.name) for f in dataclasses.fields(method)})
+    resolved = predict.resolve_model(args)
+    settings.update({
+        "model": resolved.fingerprint() or resolved.path,  # a hub id cannot be fingerprinted offline
+        "seed": args.seed,
+        "chat_template": args.chat_template,
+        "dtype": str(predict.resolve_dtype(args.dtype, device)).replace("torch.", ""),
+        "device": device,
+        "attn_implementation": args.attn_implementation,
+    })
+    settings.update(protocol)
+    return json.loads(json.dumps(settings))  # the form it has once read back from run_meta.json
+
+
+def settings_diff(old: dict, new: dict) -> str:
+    """'seed 42 -> 7, window_size 8 -> 32' for the settings that differ ('' when none)."""
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join(f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+                     for k in keys if old.get(k) != new.get(k))
+
+
+# ---- save dir and run_meta.json -------------------------------------------------------------------
+def check_writable(directory: str, flag: str = "--save_dir") -> None:
+    """One-line error when `directory` cannot be created or written; creates nothing."""
+    ancestor = os.path.abspath(directory)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CLIError(f"{flag} {directory} is under {ancestor}, which is a file, not a directory; "
+                       "pass another directory")
+    read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "is on a read-only filesystem" if read_only else "is not writable"
+        raise CLIError(f"{flag} {directory} cannot be written: {ancestor} {why}; pass another directory")
+
+
+def make_dirs(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create {directory}: {err.strerror or err}; pass another --save_dir") from None
+
+
+def read_run_meta(directory: str) -> dict:
+    """{method: entry} of directory/run_meta.json ({} when there is none); one-line error naming a
+    corrupt file."""
+    path = os.path.join(directory, RUN_META)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"{path} is not readable JSON ({err}); repair or delete it (it records how the "
+                       "results beside it were made) or pass another --save_dir") from None
+    if not isinstance(meta, dict) or not all(isinstance(e, dict) for e in meta.values()):
+        raise CLIError(f"{path} is not a run_meta.json (expected an object of per-method entries); "
+                       "repair or delete it or pass another --save_dir")
+    return meta
+
+
+def same_method(name: str, method: str) -> bool:
+    """Whether a file stem or run_meta key names `method` (any case, aliases included)."""
+    import pyramidkv
+    try:
+        return pyramidkv.canonical_name(name) == method
+    except ValueError:  # results.json, other files
+        return False
+
+
+def method_results_files(directory: str, method: str) -> list[str]:
+    """Non-empty results files of `method` in a results directory (LongBench: {dataset}/{M}.json,
+    RULER: {length}/{task}/{M}.json), any spelling of the method name."""
+    found = []
+    if not os.path.isdir(directory):
+        return found
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        if root == directory:
+            continue  # results.json / run_meta.json live at the top
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.endswith(".json") and same_method(name[:-5], method) and os.path.getsize(path) > 0:
+                found.append(path)
+    return found
+
+
+def check_settings(directory: str, settings: dict, fingerprint: str | None, meta: dict | None = None) -> None:
+    """Refuse to write `settings["method"]` into a directory whose results were made otherwise.
+
+    fingerprint: the model's (None for a hub id); every method in one directory must share it."""
+    method = settings["method"]
+    meta = read_run_meta(directory) if meta is None else meta
+    # a rerun skips finished ids, which is only right if they were predicted by this same checkpoint
+    other = sorted({e.get("model_fingerprint") for e in meta.values()} - {None, fingerprint})
+    if other and fingerprint:
+        raise CLIError(f"{directory} holds results of another checkpoint with the same name (fingerprint "
+                       f"{other[0]}, now {fingerprint}): pass another --save_dir or remove that directory")
+    files = method_results_files(directory, method)
+    if not files:
+        return  # nothing to mix with: the new setting replaces the old entry
+    entry = next((e for k, e in meta.items() if same_method(k, method)), None)
+    delete = f"delete its {len(files)} results file(s) ({files[0]}{', ...' if len(files) > 1 else ''})"
+    if entry is None or "settings" not in entry:
+        raise CLIError(f"{directory} holds {method} results without a record of their settings in "
+                       f"{RUN_META}; pass another --save_dir, or {delete} to start over")
+    diff = settings_diff(entry["settings"], settings)
+    if diff:
+        raise CLIError(f"{directory} holds {method} results made with other settings ({diff}); pass another "
+                       f"--save_dir, or {delete} to start over")
+
+
+# ---- one writer per results file ----------------------------------------------------------------
+def _holder(lock_path: str) -> str:
+    try:
+        with open(lock_path, encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+    except OSError:
+        text = ""
+    return text[:200] or "unknown process"
+
+
+@contextlib.contextmanager
+def locked(paths: list[str]):
+    """Hold `{path}.lock` for every results file a run will write, for the whole run.
+
+    Non-blocking: when another run holds one, fail at once naming its pid and command. The lock file
+    says who holds it and is left in place (the kernel drops a dead holder's lock, so a stale file
+    never blocks; removing it could race with a run that just opened it)."""
+    held = []
+    try:
+        for path in paths:
+            if os.path.isdir(path):
+                raise CLIError(f"results file {path} is a directory; remove it or pass another --save_dir")
+            make_dirs(os.path.dirname(os.path.abspath(path)))
+            lock_path = path + LOCK_SUFFIX
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise CLIError(f"cannot create lock file {lock_path}: {err.strerror or err}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CLIError(f"{path} is being written by another run ({_holder(lock_path)}); wait for it "
+                               "to finish or pass another --save_dir") from None
+            held.append(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode())
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing releases the lock
