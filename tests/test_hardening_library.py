@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
+from transformers.modeling_utils import AttentionInterface
 
 import pyramidkv
 from conftest import greedy, prompt, tiny_model
@@ -94,7 +95,8 @@ def test_scopes_on_one_model_in_two_threads_keep_their_own_method():
     assert not errors, errors
     assert results["a"] == [("SnapKV", [32] * 3)] * 2
     assert results["b"] == [("StreamingLLM", [48] * 3)] * 2
-    assert "forward" not in vars(base)  # the patch is gone once both blocks ended
+    assert "forward" not in vars(base)  # the patch is gone once both blocks ended, attention wrappers too
+    assert not hasattr(AttentionInterface._global_mapping["sdpa"], "__pyramidkv_wrapped__")
     assert not isinstance(greedy(model, prompt(100), new_tokens=1).past_key_values, pyramidkv.CompressedCache)
 
 
