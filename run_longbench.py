@@ -64,13 +64,11 @@ def build_model_prompt(tokenizer, dataset: str, sample: dict, max_length: int, c
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.eval_batch_size < 1:
-        raise predict.CLIError(f"--eval_batch_size {args.eval_batch_size} must be at least 1")
     if args.max_num_examples is not None and args.max_num_examples < 1:
         raise predict.CLIError(f"--max_num_examples {args.max_num_examples} must be at least 1")
     if args.max_length is not None and args.max_length <= 1:
         raise predict.CLIError(f"--max_length {args.max_length} is too small; give at least 2 tokens")
-    predict.validate_method_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
+    predict.validate_run_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
     datasets = lb.parse_datasets(args.datasets, args.longbench_e)
     data_dir, data_source = (None, "hub") if args.from_hub else lb.resolve_data_dir(args.data_dir)
     if data_source == "smoke" and args.longbench_e:

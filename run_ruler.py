@@ -113,10 +113,9 @@ def main(argv=None) -> None:
         lengths = parse_lengths(args.context_lengths)
     except ValueError as err:
         raise predict.CLIError(str(err)) from None
-    for name, value in (("--num_samples", args.num_samples), ("--eval_batch_size", args.eval_batch_size)):
-        if value < 1:
-            raise predict.CLIError(f"{name} {value} must be at least 1")
-    predict.validate_method_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
+    if args.num_samples < 1:
+        raise predict.CLIError(f"--num_samples {args.num_samples} must be at least 1")
+    predict.validate_run_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
     for task in tasks:  # fail on missing QA files before loading a model
         if task.startswith("qa_"):
             find_qa_file(task_args(task)["dataset"], args.qa_dir)

@@ -98,6 +98,19 @@ def validate_method_args(args) -> None:
         raise CLIError(str(err)) from err
 
 
+def validate_run_args(args) -> None:
+    """Everything about the common flags that can be checked without loading a model: the method and
+    its config (canonicalizing args.method), batch size, threads, device and attention kernel."""
+    for name, value in (("--eval_batch_size", args.eval_batch_size), ("--num_threads", args.num_threads)):
+        if value is not None and value < 1:
+            raise CLIError(f"{name} {value} must be at least 1")
+    validate_method_args(args)
+    if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise CLIError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                       "(pip install -e .[flash]); choose eager or sdpa instead")
+    resolve_device(args.device)
+
+
 def method_config(args) -> dict:
     """Keyword arguments for pyramidkv.compress built from the common flags."""
     config = {

@@ -171,7 +171,7 @@ def locked(paths: list[str]):
     never blocks; removing it could race with a run that just opened it)."""
     held = []
     try:
-        for path in paths:
+        for path in dict.fromkeys(paths):  # a task or dataset named twice is one file
             if os.path.isdir(path):
                 raise CLIError(f"results file {path} is a directory; remove it or pass another --save_dir")
             make_dirs(os.path.dirname(os.path.abspath(path)))

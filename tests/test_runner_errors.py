@@ -1,10 +1,12 @@
 """Bad runs fail before anything loads or is written, in one line (issue 16 items 4, 9, 10, "Also")."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval as eval_cli
 import run_longbench
@@ -58,13 +60,20 @@ def test_bad_config_creates_nothing_and_leaves_run_meta(runner, checkpoint, tmp_
     out.mkdir(parents=True)
     (out / "run_meta.json").write_text('{"FullKV": {"settings": {}}}')
     before = tree(tmp_path)
-    for extra, message in [(["--max_capacity_prompts", "0"], "max_capacity_prompt=0"),
-                           (["--max_capacity_prompts", "-5"], "max_capacity_prompt=-5"),
-                           (["--method", "SnapKV", "--window_size", "0"], "window_size=0"),
-                           (["--method", "SnapKV", "--window_size", "64"], "window"),
-                           (["--method", "SnapKV", "--kernel_size", "4"], "kernel_size"),
-                           (["--method", "SnapKV", "--sink_size", "4"], "unknown config"),
-                           (["--method", "nope"], "unknown method 'nope'")]:
+    cases = [(["--max_capacity_prompts", "0"], "max_capacity_prompt=0"),
+             (["--max_capacity_prompts", "-5"], "max_capacity_prompt=-5"),
+             (["--method", "SnapKV", "--window_size", "0"], "window_size=0"),
+             (["--method", "SnapKV", "--window_size", "64"], "window"),
+             (["--method", "SnapKV", "--kernel_size", "4"], "kernel_size"),
+             (["--method", "SnapKV", "--sink_size", "4"], "unknown config"),
+             (["--method", "nope"], "unknown method 'nope'"),
+             (["--num_threads", "0"], "--num_threads 0 must be at least 1"),
+             (["--eval_batch_size", "0"], "--eval_batch_size 0 must be at least 1")]
+    if importlib.util.find_spec("flash_attn") is None:
+        cases.append((["--attn_implementation", "flash_attention_2"], "needs the flash-attn package"))
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "torch sees no CUDA device"))
+    for extra, message in cases:
         err = one_line_error(runner, argv_for(runner, checkpoint, tmp_path / "res", *extra), capsys)
         assert message in err
     assert tree(tmp_path) == before  # no tiny-llama_0/ or _-5/ dirs, run_meta.json byte for byte
