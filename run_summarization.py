@@ -126,19 +126,21 @@ def main(argv=None) -> None:
         "results_summarization", f"{spec.name.replace('/', '_')}_{method}_{args.compress_ratio:g}")
     print(f"data: {len(samples.rows)} samples from {samples.description}", file=sys.stderr, flush=True)
 
+    device = predict.resolve_device(args.device)
     settings = {
-        "model": args.model_path, "model_name": model_name, "model_fingerprint": fingerprint,
+        "model_name": model_name, "model_fingerprint": fingerprint,
         "dataset": spec.name, "data_source": samples.source, "kv_method": method,
         "compress_ratio": args.compress_ratio, "max_prompt_tokens": max_prompt, "max_new_tokens": max_new,
         "method_config": {k: v for k, v in method_config(args, 0).items() if k != "max_capacity_prompt"},
         "baseline": args.baseline, "attn_implementation": args.attn_implementation, "dtype": args.dtype,
-        "device": args.device, "chat_template": args.chat_template, "seed": args.seed,
+        "device": device, "dtype_resolved": str(predict.resolve_dtype(args.dtype, device)).replace("torch.", ""),
+        "chat_template": args.chat_template, "seed": args.seed,
         "prompt": spec.prompt,
     }
     info = {
         "budget_rule": "per sample: max_capacity_prompt = max(window_size + 1, ceil((1 - compress_ratio) "
                        "* prompt_tokens)) tokens per layer and KV head (window included)",
-        "budget_source": spec.budget_source, "data": samples.description, "split": args.split,
+        "model": args.model_path, "budget_source": spec.budget_source, "data": samples.description, "split": args.split,
         "truncation": "document cut from its end so the whole prompt fits max_prompt_tokens",
         "decoding": "greedy, stops at EOS or max_new_tokens", "command": " ".join(sys.argv),
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

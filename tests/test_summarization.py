@@ -162,7 +162,7 @@ def test_slice_past_the_end(split):
     (["--split", "test[:100]"], "reaches past the end of bundled smoke sample"),
     (["--compress_ratio", "1"], "--compress_ratio 1.0 is outside [0, 1)"),
     (["--compress_ratio", "-0.2"], "--compress_ratio -0.2 is outside [0, 1)"),
-    (["--kv_method", "Nope"], "unknown method 'Nope'; choose one of: FullKV"),
+    (["--kv_method", "Nope"], "unknown method 'Nope'"),
     (["--window_size", "0"], "--window_size 0 must be at least 1"),
     (["--dataset", "missing.jsonl"], "no such file"),
 ])
