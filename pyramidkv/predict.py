@@ -2,17 +2,16 @@
 
 load model -> (runner builds prompts and truncates) -> generate under one compression method ->
 append one JSON line per sample. Everything protocol-specific (prompts, truncation, metrics) lives in
-the runner; this module only knows how to load and generate greedily (result files: result_files.py).
+the runner; this module only knows how to load and generate greedily (result files: result_files.py;
+who may write a results directory, run_meta.json and the settings key: results_dir.py).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib.util
 import json
 import logging
 import os
-import platform
 import sys
 
 from . import models
@@ -226,95 +225,16 @@ def uses_chat_template(tokenizer, mode: str) -> bool:
     return mode != "none" and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:  # not installed as a distribution (e.g. source checkout without pip install)
-        return None
-
-
-def _module_version(name: str) -> str | None:
-    try:
-        return getattr(importlib.import_module(name), "__version__", None)
-    except ImportError:
-        return None
-
-
 def write_run_meta(directory: str, args, extra: dict, settings: dict | None = None) -> None:
-    """Record how predictions were made in {directory}/run_meta.json, keyed by canonical method name.
-
-    Several methods share one results directory, so each method keeps its own entry; a rerun of a
-    method moves the previous entry into its "previous_runs" list instead of overwriting it. `settings`
-    (results_dir.run_settings; derived from args when None) is what a later rerun must match; the check
-    that runners make before loading the model is repeated here under the file's lock.
-    """
-    import fcntl
-    import torch
-    import transformers
-
+    """Record how predictions were made in {directory}/run_meta.json (see results_dir.write_run_meta)."""
     from . import results_dir
-
-    args.method = check_method(args.method)
-    settings = results_dir.run_settings(args, {}) if settings is None else settings
-    resolved = resolve_model(args)
-    results_dir.make_dirs(directory)
-    path = os.path.join(directory, results_dir.RUN_META)
-    device = resolve_device(getattr(args, "device", "auto"))
-    entry = {
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "args": {k: v for k, v in sorted(vars(args).items())},
-        "method": args.method,
-        "method_config": method_config(args),
-        "settings": settings,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "pyramidkv": _package_version("pyramidkv") or _module_version("pyramidkv"),
-            "git_commit": _git_commit(),
-        },
-        "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
-        "protocol": extra,
-        "model": {"spec": args.model_path, "resolved": resolved.describe()},
-        "model_fingerprint": resolved.fingerprint(),
-    }
-    lock = os.open(directory, os.O_RDONLY)  # concurrent runs of different methods share this file
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = results_dir.read_run_meta(directory)
-        results_dir.check_settings(directory, settings, entry["model_fingerprint"], meta)
-        previous = [meta.pop(k) for k in list(meta) if results_dir.same_method(k, args.method)]
-        if previous:  # older files may hold the same method under another spelling ("snapkv")
-            history = [run for p in previous for run in p.pop("previous_runs", []) + [p]]
-            entry["previous_runs"] = sorted(history, key=lambda run: str(run.get("started_at")))
-        meta[args.method] = entry
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False, default=str)
-        os.replace(tmp, path)
-    finally:
-        os.close(lock)  # closing releases the lock
+    results_dir.write_run_meta(directory, args, extra, settings)
 
 
 def model_fingerprint(model_path: str) -> str | None:
     """Short sha256 of a local checkpoint or GGUF file (see models.ResolvedModel.fingerprint); None for
     a hub id."""
     return models.resolve_model(model_path).fingerprint()
-
-
-def _git_commit() -> str | None:
-    head = os.path.join(REPO_ROOT, ".git", "HEAD")
-    try:
-        with open(head) as f:
-            ref = f.read().strip()
-        if ref.startswith("ref: "):
-            with open(os.path.join(REPO_ROOT, ".git", ref[5:])) as f:
-                return f.read().strip()
-        return ref
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------- generation
