@@ -22,11 +22,12 @@ from pyramidkv.ruler import DEFAULT_TASKS, TASKS, generate_sample, parse_task_li
 from pyramidkv.ruler.__main__ import parse_lengths
 from pyramidkv.ruler.dataset import dataset_path, read_dataset, read_meta
 from pyramidkv.ruler.haystacks import ESSAY_SOURCE
-from pyramidkv.ruler.qa import find_qa_file
+from pyramidkv.ruler.qa import find_qa_file, read_hotpotqa, read_squad
 from pyramidkv.ruler.spec import task_args
 
 DEFAULT_SAVE_DIR = "results_ruler"
 GENERATED = "generated on the fly"
+READ_QA = {"squad": read_squad, "hotpotqa": read_hotpotqa}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +117,10 @@ def main(argv=None) -> None:
     if args.num_samples < 1:
         raise predict.CLIError(f"--num_samples {args.num_samples} must be at least 1")
     predict.validate_run_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
-    for task in tasks:  # fail on missing QA files before loading a model
+    for task in tasks:  # fail on missing or unreadable QA files before loading a model (reads are cached)
         if task.startswith("qa_"):
-            find_qa_file(task_args(task)["dataset"], args.qa_dir)
+            dataset = task_args(task)["dataset"]
+            READ_QA[dataset](find_qa_file(dataset, args.qa_dir))
     resolved = predict.resolve_model(args)
     results_dir.check_writable(args.save_dir)
     pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}

@@ -151,6 +151,13 @@ def test_ruler_pregenerated_data_checked_before_loading(checkpoint, tmp_path, no
     assert not (tmp_path / "res").exists()
 
 
+def test_ruler_qa_file_checked_before_loading(checkpoint, tmp_path, no_model, capsys):
+    (tmp_path / "squad.json").write_bytes(b'{"data": [\n"\xe9t\xe9"]}')
+    argv = argv_for("ruler", checkpoint, tmp_path / "res", "--qa_dir", str(tmp_path)) + ["--tasks", "qa_1"]
+    assert f"{tmp_path / 'squad.json'}:2: not UTF-8 text (byte 0xe9)" in one_line_error("ruler", argv, capsys)
+    assert not (tmp_path / "res").exists()
+
+
 def test_ruler_cli_tokenizer_that_is_not_a_tokenizer(tmp_path, capsys):
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "config.json").write_text('{"model_type": "llama"}')

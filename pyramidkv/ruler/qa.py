@@ -41,6 +41,20 @@ def _load_json(path: str):
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:  # the text reader's offsets are per chunk: find the byte in the whole file
+        with open(path, "rb") as f:
+            data = f.read()
+        start = _first_bad_byte(data)
+        line = data.count(b"\n", 0, start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[start]:#04x})") from None
+
+
+def _first_bad_byte(data: bytes) -> int:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return 0
 
 
 @functools.lru_cache(maxsize=4)
