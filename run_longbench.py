@@ -75,13 +75,13 @@ def main(argv=None) -> None:
         raise predict.CLIError(f"LongBench-E needs {lb.DEFAULT_DATA_DIR}/{{dataset}}_e.jsonl files (the bundled "
                                "smoke sample has none); unzip LongBench's data.zip there or pass --data_dir")
     resolved = predict.resolve_model(args)
-    results_dir.check_writable(args.save_dir)
     if data_source == "smoke":
         print(f"note: {lb.DEFAULT_DATA_DIR} not found; using the bundled smoke sample {data_dir} "
               "(self-written text in LongBench format, NOT LongBench: scores are not comparable "
               "to published tables)", file=sys.stderr, flush=True)
     samples = load_samples(args, datasets, data_dir)  # fail on missing/bad data before loading a model
     out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+    results_dir.check_writable(args.save_dir, out_dir)
     settings = results_dir.run_settings(args, {
         "benchmark": "LongBench", "max_length": args.max_length,
         "data": "hub" if args.from_hub else os.path.realpath(data_dir)})

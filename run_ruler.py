@@ -122,9 +122,9 @@ def main(argv=None) -> None:
             dataset = task_args(task)["dataset"]
             READ_QA[dataset](find_qa_file(dataset, args.qa_dir))
     resolved = predict.resolve_model(args)
-    results_dir.check_writable(args.save_dir)
     pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}
     out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+    results_dir.check_writable(args.save_dir, out_dir)
     real = (lambda path: os.path.realpath(path) if path else None)
     settings = results_dir.run_settings(args, {"benchmark": "RULER", "data_dir": real(args.data_dir),
                                                "qa_dir": real(args.qa_dir)})

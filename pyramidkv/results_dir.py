@@ -66,18 +66,20 @@ def settings_diff(old: dict, new: dict) -> str:
 
 
 # ---- save dir and run_meta.json -------------------------------------------------------------------
-def check_writable(directory: str, flag: str = "--save_dir") -> None:
-    """One-line error when `directory` cannot be created or written; creates nothing."""
-    ancestor = os.path.abspath(directory)
+def check_writable(save_dir: str, directory: str | None = None) -> None:
+    """One-line error when `directory` (default: save_dir itself), the results directory under
+    --save_dir, cannot be created or written; creates nothing."""
+    target = os.path.abspath(directory or save_dir)
+    ancestor = target
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        raise CLIError(f"{flag} {directory} is under {ancestor}, which is a file, not a directory; "
-                       "pass another directory")
+        where = "is a file" if ancestor == target else f"is under {ancestor}, which is a file"
+        raise CLIError(f"--save_dir {save_dir}: {target} {where}, not a directory; pass another directory")
     read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
     if read_only or not os.access(ancestor, os.W_OK | os.X_OK):
         why = "is on a read-only filesystem" if read_only else "is not writable"
-        raise CLIError(f"{flag} {directory} cannot be written: {ancestor} {why}; pass another directory")
+        raise CLIError(f"--save_dir {save_dir} cannot be written: {ancestor} {why}; pass another directory")
 
 
 def make_dirs(directory: str) -> None:

@@ -99,8 +99,12 @@ def test_model_path_that_is_not_a_model(runner, tmp_path, no_model, capsys):
 def test_save_dir_under_a_file_or_read_only(runner, checkpoint, tmp_path, no_model, monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
     err = one_line_error(runner, argv_for(runner, checkpoint, tmp_path / "afile" / "res"), capsys)
-    assert f"--save_dir {tmp_path / 'afile' / 'res'} is under {tmp_path / 'afile'}, which is a file" in err
-    assert "is a file" in one_line_error(runner, argv_for(runner, checkpoint, tmp_path / "afile"), capsys)
+    assert f"--save_dir {tmp_path / 'afile' / 'res'}: {tmp_path / 'afile' / 'res' / 'tiny-llama_64'} is under " \
+           f"{tmp_path / 'afile'}, which is a file, not a directory" in err
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "tiny-llama_64").write_text("x")  # the results directory itself is a file
+    err = one_line_error(runner, argv_for(runner, checkpoint, tmp_path / "res"), capsys)
+    assert f"{tmp_path / 'res' / 'tiny-llama_64'} is a file, not a directory" in err
 
     class ReadOnly:
         f_flag = os.ST_RDONLY
