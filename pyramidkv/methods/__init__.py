@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import KVMethod, PrefillInputs
+from .chunkkv import ChunkKV
 from .fullkv import FullKV
 from .h2o import H2O
 from .l2norm import L2Norm
@@ -13,7 +14,7 @@ from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
 METHODS: dict[str, type[KVMethod]] = {
-    cls.name: cls for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm)
+    cls.name: cls for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV)
 }
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
 
