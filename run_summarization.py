@@ -29,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     # no torch / transformers / pyramidkv import here: --help must be instant
     p = argparse.ArgumentParser(description="Summarization (ROUGE), memory, time and throughput before and "
                                             "after KV-cache compression (SimCalKV's protocol).")
-    p.add_argument("--model_name", "--model_path", dest="model_path", default=None,
-                   help="smollm2 (the default: SmolLM2-135M-Instruct), tiny (the embedded checkpoint), a "
-                        "checkpoint dir, a .gguf file or a hub id")
+    add_model_args(p)
     p.add_argument("--dataset", default="cnn_dailymail", help=f"{DATASET_NAMES}, or a local .jsonl/.json/"
                    ".parquet/.arrow file (default: cnn_dailymail)")
     p.add_argument("--split", default="test[:10]",
@@ -55,6 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "GovReport 4096")
     g.add_argument("--max_new_tokens", type=int, default=None,
                    help="new tokens: XSUM 64, CNN/DM 64, Multi-News 512, GovReport 512")
+    add_compression_args(p)
+    g = p.add_argument_group("full-cache baseline and prompt")
+    g.add_argument("--baseline", default="dynamic", choices=CHOICES["baseline"],
+                   help="dynamic = transformers' DynamicCache (what an unpatched model uses); fullkv = FullKV "
+                        "through pyramidkv's cache (same decode mechanics as the methods)")
+    g.add_argument("--chat_template", default="auto", choices=CHOICES["chat_template"],
+                   help="auto: wrap the prompt in the tokenizer's chat template when it has one")
+    add_run_args(p)
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_name", "--model_path", dest="model_path", default=None,
+                   help="smollm2 (the default: SmolLM2-135M-Instruct), tiny (the embedded checkpoint), a "
+                        "checkpoint dir, a .gguf file or a hub id")
+
+
+def add_compression_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--window_size", type=int, default=8, help="observation window (default: 8)")
     g.add_argument("--kernel_size", type=int, default=7, help="pooling kernel (default: 7)")
@@ -62,18 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=None, help="PyramidKV budget ratio (method default if unset)")
     g.add_argument("--sink_size", type=int, default=None, help="StreamingLLM sink tokens (method default)")
     g.add_argument("--skip_layers", type=int, default=None, help="L2Norm uncompressed first layers")
-    g.add_argument("--baseline", default="dynamic", choices=CHOICES["baseline"],
-                   help="full cache: dynamic = transformers' DynamicCache (what an unpatched model uses); "
-                        "fullkv = FullKV through pyramidkv's cache (same decode mechanics as the methods)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--attn_implementation", default="sdpa", choices=CHOICES["attn_implementation"])
     g.add_argument("--dtype", default="auto", choices=CHOICES["dtype"], help="auto = bfloat16 on cuda, else float32")
     g.add_argument("--device", default="auto", choices=CHOICES["device"])
     g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--chat_template", default="auto", choices=CHOICES["chat_template"],
-                   help="auto: wrap the prompt in the tokenizer's chat template when it has one")
     g.add_argument("--seed", type=int, default=42)
-    return p
 
 
 def check_numbers(args) -> None:
@@ -82,7 +95,7 @@ def check_numbers(args) -> None:
         raise CLIError(f"--compress_ratio {args.compress_ratio} is outside [0, 1): it is the fraction of "
                        "the prompt's K/V removed (0.4 keeps 60%)")
     for flag in ("max_prompt_tokens", "max_new_tokens", "window_size", "kernel_size", "num_threads"):
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CLIError(f"--{flag} {value} must be at least 1")
 
@@ -144,7 +157,7 @@ def main(argv=None) -> None:
         "truncation": "document cut from its end so the whole prompt fits max_prompt_tokens",
         "decoding": "greedy, stops at EOS or max_new_tokens", "command": " ".join(sys.argv),
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
     }
     summary_report.check_settings(output_dir, settings, info)  # refuse mixing before loading a model
     records = summary_report.load_records(output_dir)
@@ -197,7 +210,7 @@ def run_sample(args, model, tokenizer, spec, row, method, max_prompt, max_new, s
     return record
 
 
-def _versions() -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     found = {}
     for name in ("torch", "transformers", "datasets", "rouge-score", "pyramidkv"):
