@@ -9,11 +9,15 @@ For each (method, context length, budget): `--warmup` discarded runs, then `--re
 a manual greedy loop (prefill with compression, then `--new_tokens - 1` decode steps); each metric is
 the median over repeats with min-max. Writes <out_dir>/<tag>.json and .csv, two PNG plots, and prints
 the table and the issue's four targets (checked at the largest context and `--target_budget`).
+
+Output: a fresh bench_out/<tag>_<UTC time>/ (git-ignored) unless --out_dir names a folder; an existing
+result file there is replaced only with --overwrite (benchmarks/ holds the files the README quotes).
+    python scripts/benchmark.py --replot benchmarks/cpu_tiny_sdpa.json --overwrite   # redraw its PNGs
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -22,85 +26,63 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
-from common import PRESETS, build_model, fix_malloc_threshold, kv_shape, machine_info  # noqa: E402
-from measure import BASELINE, canonical_method, measure_interleaved, plan, torch_dtype  # noqa: E402
-from report import check_targets, markdown_table, plot, targets_text, text_table, write_csv, write_json  # noqa: E402
+# only the standard library before the flags are checked: torch, transformers and pyramidkv are
+# imported in main() once the command line is known to be good (--help stays instant)
+from cli import BASELINE, CLIError, check_model_path, check_not_overwriting, choose_out_dir  # noqa: E402
+from cli import PLOT_SUFFIXES, parse_args, print_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = "FullKV,SnapKV,PyramidKV,H2O,StreamingLLM,L2Norm,DynamicCache"
 
 
-def int_list(text: str) -> list[int]:
+def prepare(args) -> list[tuple]:
+    """Canonical method names, every configuration's method settings built once, the device checked:
+    the (method, context, budget) plan, or CLIError; nothing heavy is loaded yet."""
+    import torch
+    from measure import canonical_method, method_settings, plan
+
+    import pyramidkv
+
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers")
-    return values
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=None,
-                   help="a local checkpoint directory; default: random weights of --preset built in code")
-    p.add_argument("--preset", default="tiny", choices=PRESETS,
-                   help="tiny: Llama, 4 layers, hidden 256, 8 heads, 2 KV heads, MLP 512, vocab 1024; "
-                        "llama3-8b: Llama-3-8B shape (32 layers, 32/8 heads, hidden 4096)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated; pyramidkv methods plus {BASELINE} (transformers' cache, no "
-                        f"pyramidkv). Default: {DEFAULT_METHODS}")
-    p.add_argument("--context_lengths", type=int_list, default=[1024, 4096, 16384], help="default 1024,4096,16384")
-    p.add_argument("--max_capacity_prompts", type=int_list, default=[64, 256, 1024],
-                   help="budgets (tokens per layer and KV head, window included); default 64,256,1024")
-    p.add_argument("--new_tokens", type=int, default=64, help="generated tokens per run (default 64)")
-    p.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per configuration (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="discarded runs per configuration (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--window_size", type=int, default=8)
-    p.add_argument("--kernel_size", type=int, default=7)
-    p.add_argument("--pooling", default="maxpool", choices=("maxpool", "avgpool"))
-    p.add_argument("--l2norm_skip_layers", type=int, default=None,
-                   help="L2Norm's uncompressed first layers (method default 2)")
-    p.add_argument("--method_max_context", default="H2O=4096",
-                   help="METHOD=TOKENS,...: run a method only up to that context; default H2O=4096 (H2O scores "
-                        "with the full S x S attention of every layer: tens of seconds per 16k prefill on 2 CPU "
-                        "cores); pass '' to run everything everywhere")
-    p.add_argument("--target_budget", type=int, default=256, help="budget at which the targets are checked")
-    p.add_argument("--no_reference", action="store_true",
-                   help="skip the FullKV runs whose prompt is as long as each budget (target 2's reference)")
-    p.add_argument("--seed", type=int, default=1, help="prompt seed")
-    p.add_argument("--out_dir", default=str(REPO / "benchmarks"))
-    p.add_argument("--tag", default=None, help="output file stem (default: <device>_<preset>_<attn>)")
-    p.add_argument("--note", default="", help="free text stored with the results (e.g. machine state)")
-    p.add_argument("--no_plots", action="store_true")
-    args = p.parse_args(argv)
-    if args.new_tokens < 2:
-        p.error("--new_tokens must be at least 2 (one prefill token + decode steps)")
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    try:
-        args.methods = list(dict.fromkeys(canonical_method(m) for m in args.methods.split(",") if m.strip()))
+        args.methods = list(dict.fromkeys(canonical_method(m) for m in args.methods))
     except ValueError as error:
-        p.error(str(error))
+        raise CLIError(f"--methods: {error}; the benchmark also takes {BASELINE}") from None
     try:
-        limits = [item.split("=") for item in args.method_max_context.split(",") if item.strip()]
-        args.method_max_context = {canonical_method(name): int(limit) for name, limit in limits}
+        args.method_max_context = {canonical_method(m): t for m, t in args.method_max_context.items()}
     except ValueError as error:
-        p.error(f"--method_max_context {args.method_max_context!r}: {error} (expected METHOD=TOKENS,...)")
+        raise CLIError(f"--method_max_context: {error}") from None
+    configs = plan(args.methods, args.context_lengths, args.max_capacity_prompts, not args.no_reference)
+    configs = [c for c in configs if c[1] <= args.method_max_context.get(c[0], c[1])]
+    for method, context, budget in configs:
+        if method == BASELINE:
+            continue
+        try:
+            pyramidkv.build_method(method, **method_settings(method, budget or context, args))
+        except (TypeError, ValueError) as error:
+            raise CLIError(f"{method} at context {context}, budget {budget or context}: {error}") from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda requested but torch.cuda.is_available() is False")
-    return args
+        raise CLIError("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+    return configs
+
+
+def replot(args) -> int:
+    """Redraw the PNGs of a results JSON (next to it, or into --out_dir); measures nothing."""
+    from plots import plot
+
+    source = Path(args.replot)
+    try:
+        payload = json.loads(source.read_text(encoding="utf-8"))
+        records, settings, model = payload["records"], payload["settings"], payload["model"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CLIError(f"--replot {source}: not a results JSON of this script ({error})") from None
+    if not records:
+        raise CLIError(f"--replot {source}: the file holds no records")
+    prefix = (Path(args.out_dir) if args.out_dir else source.parent) / source.stem
+    check_not_overwriting([Path(f"{prefix}{suffix}") for suffix in PLOT_SUFFIXES], args.overwrite)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    print("# wrote: " + ", ".join(str(p) for p in plot(records, prefix, settings, model)))
+    return 0
 
 
 def git_commit() -> str | None:
@@ -112,18 +94,33 @@ def git_commit() -> str | None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv, __doc__)
+        if args.replot:
+            return replot(args)
+        out_dir = choose_out_dir(args)
+        check_model_path(args.model_path)
+        configs = prepare(args)
+    except CLIError as error:
+        return print_error(error)
+    return run(args, configs, out_dir, argv)
+
+
+def run(args, configs: list[tuple], out_dir: Path, argv) -> int:
+    import torch
+    from common import build_model, fix_malloc_threshold, kv_shape, machine_info
+    from measure import measure_interleaved, torch_dtype
+    from plots import plot, title_of
+    from report import check_targets, markdown_table, targets_text, text_table, write_csv, write_json
+
     torch.set_num_threads(args.threads)
     malloc_fixed = not args.device.startswith("cuda") and fix_malloc_threshold()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))
     model = build_model(args.model_path, args.preset, torch_dtype(args.dtype), args.device, args.attn_implementation)
     shape = kv_shape(model)
-    configs = plan(args.methods, args.context_lengths, args.max_capacity_prompts, not args.no_reference)
-    configs = [c for c in configs if c[1] <= args.method_max_context.get(c[0], c[1])]
     info = machine_info(args.device)
     model_name = args.model_path or f"{args.preset} (random weights)"
-    title = (f"{model_name}, {args.dtype}, {args.attn_implementation}, {args.device}, "
-             f"{args.threads} threads, {args.new_tokens} new tokens")
+    title = title_of(model_name, vars(args))
     print(f"# pyramidkv efficiency benchmark — {title}")
     print(f"# model: {shape['layers']} layers, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
@@ -137,9 +134,8 @@ def main(argv=None) -> int:
     print(f"# machine: {info.get('cpu', '?')} ({info['cpu_count']} CPUs), load average {info['loadavg_start']}")
     from tqdm import tqdm
 
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{args.device.split(':')[0]}_{args.preset if not args.model_path else 'model'}_{args.attn_implementation}"
+    tag = args.tag
     payload = {
         "command": command,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -147,7 +143,7 @@ def main(argv=None) -> int:
         "note": args.note,
         "model": model_name,
         "model_shape": shape,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("note",)},
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("note", "replot")}, "out_dir": str(out_dir)},
         "machine": info,
         "method_of_measurement": {
             "warmup_runs": args.warmup, "measured_runs": args.repeats,
@@ -199,7 +195,7 @@ def main(argv=None) -> int:
     write_csv(records, out_dir / f"{tag}.csv")
     written = [out_dir / f"{tag}.json", out_dir / f"{tag}.csv"]
     if not args.no_plots:
-        written += plot(records, out_dir / tag, title)
+        written += plot(records, out_dir / tag, payload["settings"], model_name)
     print(f"\n# {payload['elapsed_s']:.0f} s; wrote: " + ", ".join(str(p) for p in written))
     return 0
 

@@ -1,4 +1,4 @@
-"""Tables, CSV/JSON, target checks and plots for the efficiency benchmark."""
+"""Tables, CSV/JSON and target checks for the efficiency benchmark (plots: plots.py)."""
 
 from __future__ import annotations
 
@@ -135,71 +135,3 @@ def targets_text(checks: list[dict]) -> str:
         lines.append(f"target {c['target']} [{'MET' if c['met'] else 'NOT MET'}] {c['what']}: {value} "
                      f"(goal {c['goal']})")
     return "\n".join(lines)
-
-
-# ---- plots --------------------------------------------------------------------------------------
-def plot(records: list[dict], out_prefix: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    budgets = sorted({r["budget"] for r in records if r["budget"] is not None})
-    # decode time per token vs context: one panel per budget, uncompressed runs in every panel
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    panels = budgets or [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False, sharey=True)
-    for ax, budget in zip(axes[0], panels):
-        for m in methods:
-            uncompressed = all(r["budget"] is None for r in records if r["method"] == m)
-            pts = sorted((r["context"], r["tpot_ms"]) for r in records
-                         if r["method"] == m and r["budget"] == (None if uncompressed else budget))
-            if not pts:
-                continue
-            err = [[p[1]["median"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["median"] for p in pts]]
-            ax.errorbar([p[0] for p in pts], [p[1]["median"] for p in pts], yerr=err, marker="o", capsize=3,
-                        color=colors[m], linestyle="--" if uncompressed else "-", label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title("uncompressed only" if budget is None else f"budget {budget}", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("time per output token (ms; median, bars min-max)")
-    fig.suptitle(f"Decode time per token vs context — {title}", fontsize=9)
-    fig.tight_layout()
-    path = Path(f"{out_prefix}_decode_vs_context.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
-    # memory vs budget at the largest context
-    compressed = [r for r in records if r["budget"] is not None]
-    if compressed:
-        context = max(r["context"] for r in compressed)
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
-        for m in methods:
-            pts = sorted((r["budget"], r) for r in compressed if r["method"] == m and r["context"] == context)
-            if pts:
-                ax1.plot([p[0] for p in pts], [p[1]["peak_mem_mb"]["median"] for p in pts], marker="o", label=m)
-                ax2.plot([p[0] for p in pts], [p[1]["kv_bytes_prefill"] / MB for p in pts], marker="o", label=m)
-        for m, style in (("FullKV", "--"), ("DynamicCache", ":")):
-            full = _find(records, m, context, None)
-            if full:
-                ax1.axhline(full["peak_mem_mb"]["median"], linestyle=style, color="k", label=f"{m} (no compression)")
-                ax2.axhline(full["kv_bytes_prefill"] / MB, linestyle=style, color="k", label=f"{m} (no compression)")
-        for ax, label in ((ax1, "peak memory (MB, median)"), (ax2, "KV cache after prefill (MB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("budget (max_capacity_prompt, tokens)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        ax2.set_yscale("log")
-        fig.suptitle(f"Memory vs budget at {context} tokens — {title}", fontsize=9)
-        fig.tight_layout()
-        path = Path(f"{out_prefix}_memory_vs_budget.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
