@@ -234,7 +234,7 @@ def smoke_note(results_dir: str) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results_dir", required=True,
@@ -246,7 +246,11 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", default="auto", choices=("auto", "longbench", "ruler"),
                         help="auto: RULER when the tree has numeric length directories, LongBench otherwise; "
                              "a tree with both is refused (default: auto)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if not os.path.isdir(args.results_dir):
         what = "is not a directory" if os.path.exists(args.results_dir) else "does not exist"
         print(f"error: results directory {args.results_dir!r} {what}", file=sys.stderr)

@@ -178,7 +178,8 @@ def test_ruler_cli_tokenizer_that_is_not_a_tokenizer(tmp_path, capsys):
 def test_runner_defaults_and_every_flag_documents_its_default():
     assert run_ruler.build_parser().get_default("save_dir") == "results_ruler"
     assert run_longbench.build_parser().get_default("save_dir") == "results_long_bench"
-    for parser in (run_ruler.build_parser(), run_longbench.build_parser(), ruler_cli.build_parser()):
+    for parser in (run_ruler.build_parser(), run_longbench.build_parser(), ruler_cli.build_parser(),
+                   eval_cli.build_parser()):
         for action in parser._actions:
             if action.dest != "help" and not action.required:
                 assert "default" in (action.help or ""), (parser.prog, action.option_strings)
