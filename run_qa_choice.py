@@ -97,12 +97,12 @@ def main(argv=None) -> None:
 
 
 def run_question(args, model, tokenizer, question, method) -> dict:
-    from pyramidkv import qa_choice, summarization
+    from pyramidkv import qa_choice, summary_prompt
     from run_summarization import method_config
 
     context_ids = tokenizer(question["context"])["input_ids"]
     choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in question["choices"]]
-    budget = summarization.kv_budget(len(context_ids), args.compress_ratio, args.window_size)
+    budget = summary_prompt.kv_budget(len(context_ids), args.compress_ratio, args.window_size)
     full = qa_choice.score_choices(model, context_ids, choice_ids)
     compressed = qa_choice.score_choices(model, context_ids, choice_ids, method, method_config(args, budget))
     record = {"id": question["id"], "kv_method": method, "gold": question["gold"],

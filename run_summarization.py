@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+import math
 import os
 import sys
 
@@ -30,16 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Summarization (ROUGE), memory, time and throughput before and "
                                             "after KV-cache compression (SimCalKV's protocol).")
     add_model_args(p)
-    p.add_argument("--dataset", default="cnn_dailymail", help=f"{DATASET_NAMES}, or a local .jsonl/.json/"
-                   ".parquet/.arrow file (default: cnn_dailymail)")
-    p.add_argument("--split", default="test[:10]",
-                   help='datasets slicing syntax: "test[:100]", "validation[:10]", "test[:10%%]" '
-                        "(default: test[:10]); a slice past the end is an error")
-    p.add_argument("--compress_ratio", type=float, default=0.4,
+    p.add_argument("--dataset", "--input_path", dest="dataset", default="cnn_dailymail",
+                   help=f"{DATASET_NAMES}, or a local .jsonl/.json/.parquet/.arrow file, e.g. CaM's HELM-style "
+                        "data/xsum_0shot.jsonl (article = whole prompt, summary_gt) (default: cnn_dailymail)")
+    p.add_argument("--split", default=None,
+                   help='datasets slicing syntax: "test[:100]", "validation[:10]", "test[:10%%]" (default: '
+                        "test[:10]; a local file given as --dataset: all of it); a slice past the end is an error")
+    p.add_argument("--compress_ratio", type=float, default=None,
                    help="fraction of the prompt's K/V removed, in [0, 1) (default: 0.4)")
-    p.add_argument("--kv_method", default="SnapKV", help="any pyramidkv method (default: SnapKV)")
+    p.add_argument("--kv_method", "--method", dest="kv_method", default="SnapKV",
+                   help="any pyramidkv method, any case (default: SnapKV)")
     p.add_argument("--output_dir", default=None,
                    help="results directory (default: results_summarization/<dataset>_<method>_<ratio>)")
+    g = p.add_argument_group("CaM's budget flags (instead of --compress_ratio)")
+    g.add_argument("--start_ratio", type=float, default=None,
+                   help="fraction of the prompt kept besides the recent tokens (StreamingLLM: as sinks)")
+    g.add_argument("--recent_ratio", type=float, default=None,
+                   help="fraction of the prompt kept as the most recent tokens (= the observation window)")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data",
                    help="looks for {data_dir}/{dataset}/{split}.{jsonl,json,parquet,arrow} or "
@@ -91,13 +99,43 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def check_numbers(args) -> None:
     from pyramidkv.predict import CLIError
-    if not 0.0 <= args.compress_ratio < 1.0:
+    if args.compress_ratio is not None and not 0.0 <= args.compress_ratio < 1.0:
         raise CLIError(f"--compress_ratio {args.compress_ratio} is outside [0, 1): it is the fraction of "
                        "the prompt's K/V removed (0.4 keeps 60%)")
     for flag in ("max_prompt_tokens", "max_new_tokens", "window_size", "kernel_size", "num_threads"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CLIError(f"--{flag} {value} must be at least 1")
+
+
+def check_cam_ratios(args) -> None:
+    """CaM's --start_ratio/--recent_ratio replace --compress_ratio: 1 - (start + recent) is removed."""
+    from pyramidkv.predict import CLIError
+    given = [r for r in (args.start_ratio, args.recent_ratio) if r is not None]
+    if not given:
+        args.compress_ratio = 0.4 if args.compress_ratio is None else args.compress_ratio
+        return
+    if args.compress_ratio is not None:
+        raise CLIError(f"--compress_ratio {args.compress_ratio} and --start_ratio/--recent_ratio both set the "
+                       "budget; give one or the other")
+    if len(given) == 1 or any(not 0.0 <= r <= 1.0 for r in given) or not 0.0 < sum(given) <= 1.0:
+        raise CLIError(f"--start_ratio {args.start_ratio} / --recent_ratio {args.recent_ratio}: give both, "
+                       "each in [0, 1], with 0 < start + recent <= 1")
+    args.compress_ratio = round(max(0.0, 1.0 - args.start_ratio - args.recent_ratio), 9)
+
+
+def sample_config(args, prompt_tokens: int) -> dict:
+    """The method config of one sample: the per-sample budget (and CaM's per-sample window and sinks)."""
+    from pyramidkv import summary_prompt
+    if args.recent_ratio is None:
+        budget = summary_prompt.kv_budget(prompt_tokens, args.compress_ratio, args.window_size)
+        return method_config(args, budget)
+    window = max(1, math.ceil(args.recent_ratio * prompt_tokens))
+    budget = summary_prompt.kv_budget(prompt_tokens, args.compress_ratio, window)
+    config = {**method_config(args, budget), "window_size": window}
+    if args.kv_method.lower() in ("streamingllm", "streaming"):
+        config["sink_size"] = math.ceil(args.start_ratio * prompt_tokens)
+    return config
 
 
 def method_config(args, budget: int, extras: bool = True) -> dict:
@@ -123,6 +161,7 @@ def main(argv=None) -> None:
     from pyramidkv import predict, summarization, summary_report
 
     check_numbers(args)
+    check_cam_ratios(args)
     args.model_path = args.model_path or getattr(predict, "DEFAULT_MODEL", "smollm2")
     predict.check_method(args.kv_method)
     try:  # method settings checked at the smallest valid budget, before data and model
@@ -134,6 +173,8 @@ def main(argv=None) -> None:
     spec = samples.spec
     max_prompt = args.max_prompt_tokens or spec.max_prompt_tokens
     max_new = args.max_new_tokens or spec.max_new_tokens
+    if args.max_new_tokens is None and any(row.get("max_new_tokens") for row in samples.rows):
+        max_new = "per request (the file's max_tokens)"
     model_name, fingerprint = resolve_model(args, predict)
     output_dir = args.output_dir or os.path.join(
         "results_summarization", f"{spec.name.replace('/', '_')}_{method}_{args.compress_ratio:g}")
@@ -143,7 +184,8 @@ def main(argv=None) -> None:
     settings = {
         "model_name": model_name, "model_fingerprint": fingerprint,
         "dataset": spec.name, "data_source": samples.source, "kv_method": method,
-        "compress_ratio": args.compress_ratio, "max_prompt_tokens": max_prompt, "max_new_tokens": max_new,
+        "compress_ratio": args.compress_ratio, "start_ratio": args.start_ratio, "recent_ratio": args.recent_ratio,
+        "max_prompt_tokens": max_prompt, "max_new_tokens": max_new,
         "method_config": {k: v for k, v in method_config(args, 0).items() if k != "max_capacity_prompt"},
         "baseline": args.baseline, "attn_implementation": args.attn_implementation, "dtype": args.dtype,
         "device": device, "dtype_resolved": str(predict.resolve_dtype(args.dtype, device)).replace("torch.", ""),
@@ -153,7 +195,7 @@ def main(argv=None) -> None:
     info = {
         "budget_rule": "per sample: max_capacity_prompt = max(window_size + 1, ceil((1 - compress_ratio) "
                        "* prompt_tokens)) tokens per layer and KV head (window included)",
-        "model": args.model_path, "budget_source": spec.budget_source, "data": samples.description, "split": args.split,
+        "model": args.model_path, "budget_source": spec.budget_source, "data": samples.description, "split": samples.split,
         "truncation": "document cut from its end so the whole prompt fits max_prompt_tokens",
         "decoding": "greedy, stops at EOS or max_new_tokens", "command": " ".join(sys.argv),
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -187,27 +229,39 @@ def main(argv=None) -> None:
 
 
 def run_sample(args, model, tokenizer, spec, row, method, max_prompt, max_new, scorer) -> dict:
-    from pyramidkv import summarization
+    from pyramidkv import summary_prompt
     from pyramidkv.timed_generation import eos_token_ids, timed_greedy
 
-    input_ids, truncated = summarization.build_prompt(tokenizer, spec, row["document"], max_prompt,
-                                                      args.chat_template)
-    budget = summarization.kv_budget(len(input_ids), args.compress_ratio, args.window_size)
+    input_ids, truncated = summary_prompt.build_prompt(tokenizer, spec, row["document"], max_prompt,
+                                                      args.chat_template, row.get("complete_prompt", False))
+    config = sample_config(args, len(input_ids))
+    budget = config["max_capacity_prompt"]
+    if not isinstance(max_new, int):
+        max_new = row.get("max_new_tokens") or spec.max_new_tokens
     eos = eos_token_ids(model, tokenizer)
-    full = timed_greedy(model, input_ids, max_new, eos, *(("FullKV", method_config(args, budget, extras=False))
+    base_config = {k: config[k] for k in ("max_capacity_prompt", "window_size", "kernel_size", "pooling")}
+    full = timed_greedy(model, input_ids, max_new, eos, *(("FullKV", base_config)
                                                          if args.baseline == "fullkv" else ()))
-    compressed = timed_greedy(model, input_ids, max_new, eos, method, method_config(args, budget))
+    compressed = timed_greedy(model, input_ids, max_new, eos, method, config)
     record = {"id": row["id"], "dataset": spec.name, "kv_method": method, "prompt_tokens": len(input_ids),
               "truncated": truncated, "kv_budget": budget, "reference": row["reference"],
-              "kept_tokens_after": compressed.kept_tokens}
+              "kept_tokens_after": compressed.kept_tokens, "window_size": config["window_size"]}
     for side, result in (("before", full), ("after", compressed)):
-        answer = tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+        answer = cut_at_stop(tokenizer.decode(result.token_ids, skip_special_tokens=True), row.get("stop"))
         record.update({f"answer_{side}": answer, f"new_tokens_{side}": len(result.token_ids),
                        f"prefill_s_{side}": result.prefill_s, f"decode_s_{side}": result.decode_s,
                        f"time_{side}_s": result.total_s, f"kv_bytes_{side}": result.kv_bytes,
                        f"kv_allocated_bytes_{side}": result.kv_allocated_bytes,
                        f"rouge_{side}": scorer(answer, row["reference"])})
     return record
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """The answer up to the first stop string (HELM requests stop at "###"), stripped."""
+    for marker in stop or ():
+        if marker and marker in text:
+            text = text[: text.index(marker)]
+    return text.strip()
 
 
 def versions() -> dict:

@@ -15,7 +15,6 @@ silently evaluates fewer samples than asked.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import socket
@@ -27,6 +26,7 @@ from .predict import REPO_ROOT, CLIError
 SMOKE_FILE = os.path.join(REPO_ROOT, "data", "summarization_smoke", "news.jsonl")
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
 DATA_SOURCES = ("auto", "local", "hub", "smoke")
+DEFAULT_SPLIT = "test[:10]"  # the whole smoke sample; 10 samples of a hub split
 _LONGBENCH_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "longbench",
                                   "dataset2prompt.json")
 
@@ -70,6 +70,11 @@ DATASETS = {
         "LongBench/gov_report", "THUDM/LongBench", "gov_report", "context", "answers", "_id", 4096, 512,
         _longbench_prompt("gov_report"), "SimCalKV (nums_token4096+512)"),
 }
+# CaM's / H2O's task names in their data file names (data/cnndm_0shot.jsonl)
+TASK_ALIASES = {"cnn_dailymail": ("cnndm", "cnn"), "xsum": ("xsum",), "multi_news": ("multi_news",)}
+# HELM-style files (H2O's and CaM's data/{task}_{shot}shot.jsonl): "article" holds the complete prompt,
+# "summary_gt" the reference; optional "max_tokens" and "stop" per request
+HELM_FIELDS = ("article", "summary_gt")
 # field pairs recognised in a local file that is not named after a known dataset
 GENERIC_FIELD_PAIRS = (("article", "highlights"), ("document", "summary"), ("context", "answers"))
 GENERIC_SPEC = DatasetSpec("local", None, None, "document", "summary", None, 1024, 64,
@@ -90,6 +95,7 @@ class Samples:
     spec: DatasetSpec
     source: str  # "local", "hub" or "smoke"
     description: str  # where they came from, printed and stored in the config
+    split: str  # the --split applied (resolved when not given)
 
 
 _BOUND = r"(-?\d+%?)?"
@@ -145,9 +151,9 @@ def resolve_spec(dataset: str) -> tuple[DatasetSpec, str | None]:
     if os.path.isfile(dataset):
         stem = os.path.basename(dataset).split(".")[0].lower()
         for spec in DATASETS.values():
-            short = spec.name.split("/")[-1].lower()
-            if stem == short or stem.startswith(short + "_") or stem.startswith(short + "-"):
-                return spec, dataset
+            for short in {spec.name.split("/")[-1].lower(), *TASK_ALIASES.get(spec.name, ())}:
+                if stem == short or stem.startswith((short + "_", short + "-")):
+                    return spec, dataset
         return GENERIC_SPEC, dataset
     for name, spec in DATASETS.items():
         if dataset.lower() == name.lower():
@@ -219,8 +225,9 @@ def records_to_rows(records: list, path: str, unit: str, spec: DatasetSpec,
     numbered = [(i + 1, r) for i, r in enumerate(records) if r is not None]
     if not numbered:
         raise CLIError(f"{path}: no records")
-    document_field, summary_field = fields or _fields_for(spec, numbered[0][1] if isinstance(
-        numbered[0][1], dict) else {})
+    first = numbered[0][1] if isinstance(numbered[0][1], dict) else {}
+    helm = fields is None and all(field in first for field in HELM_FIELDS)
+    document_field, summary_field = HELM_FIELDS if helm else (fields or _fields_for(spec, first))
     def where(number: int) -> str:  # file:line for text files, "file row N" for tables
         return f"{path}:{number}" if unit == "line" else f"{path} {unit} {number}"
 
@@ -233,9 +240,13 @@ def records_to_rows(records: list, path: str, unit: str, spec: DatasetSpec,
                 raise CLIError(f"{where(number)}: missing field {field!r} (a summarization record "
                                f"needs {document_field!r} and {summary_field!r})")
         sample_id = record.get(spec.id_field or "id", record.get("id", record.get("_id")))
-        rows.append({"id": str(sample_id) if sample_id is not None else f"{split_name or 'row'}-{index}",
-                     "document": str(record[document_field]),
-                     "reference": _reference_text(record[summary_field]), "row": index})
+        row = {"id": str(sample_id) if sample_id is not None else f"{split_name or 'row'}-{index}",
+               "document": str(record[document_field]),
+               "reference": _reference_text(record[summary_field]), "row": index}
+        if helm:  # the prompt is complete; the request may set its own length and stop strings
+            row.update(complete_prompt=True, max_new_tokens=record.get("max_tokens"),
+                       stop=list(record.get("stop") or []))
+        rows.append(row)
     return rows
 
 
@@ -292,14 +303,16 @@ def load_hub(spec: DatasetSpec, hub_id: str, split_name: str) -> tuple[list[dict
 
 
 # ----------------------------------------------------------------------------- entry point
-def load_samples(dataset: str, split: str, data_dir: str, data_source: str = "auto",
+def load_samples(dataset: str, split: str | None, data_dir: str, data_source: str = "auto",
                  hub_id: str | None = None) -> Samples:
-    """The selected samples and where they came from (all checks happen here, before any model)."""
+    """The selected samples and where they came from (all checks happen here, before any model).
+    split None: a whole local file given as --dataset, else DEFAULT_SPLIT."""
     if data_source not in DATA_SOURCES:
         raise CLIError(f"unknown --data_source {data_source!r}; choose one of: {', '.join(DATA_SOURCES)}")
+    spec, local_file = resolve_spec(dataset)
+    split = split or ("train" if local_file else DEFAULT_SPLIT)
     parts = parse_split(split)
     names = sorted({p.name for p in parts})
-    spec, local_file = resolve_spec(dataset)
     if len(names) > 1:
         raise CLIError(f"--split {split!r} mixes splits {', '.join(names)}; slice one split at a time")
     split_name = names[0]
@@ -332,40 +345,4 @@ def load_samples(dataset: str, split: str, data_dir: str, data_source: str = "au
 def _select(rows, parts, split, spec, source, description) -> Samples:
     what = description.split(" (")[0]
     chosen = [rows[i] for i in select_rows(parts, len(rows), split, what)]
-    return Samples(chosen, spec, source, description)
-
-
-def kv_budget(prompt_tokens: int, compress_ratio: float, window_size: int) -> int:
-    """Tokens kept per layer and KV head: the ratio removes that fraction of the prompt, but the budget
-    keeps at least the observation window plus one token (the methods need budget > window)."""
-    return max(window_size + 1, math.ceil((1.0 - compress_ratio) * prompt_tokens))
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    # chat templates insert the BOS token themselves; do not add a second one
-    bos = tokenizer.bos_token
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-
-
-def build_prompt(tokenizer, spec: DatasetSpec, document: str, max_prompt_tokens: int,
-                 chat_mode: str = "auto") -> tuple[list[int], bool]:
-    """(prompt token ids, document truncated?). The document is cut from its end (news put the key
-    facts first) so that instruction + chat template + document fit in max_prompt_tokens."""
-    from .predict import apply_chat_template
-
-    def wrap(text: str) -> str:
-        return apply_chat_template(tokenizer, spec.prompt.replace("{document}", text), chat_mode)
-
-    ids = _encode(tokenizer, wrap(document))
-    if len(ids) <= max_prompt_tokens:
-        return ids, False
-    room = max_prompt_tokens - len(_encode(tokenizer, wrap("")))
-    if room < 1:
-        raise CLIError(f"--max_prompt_tokens {max_prompt_tokens} leaves no room for the document (the "
-                       f"instruction and chat template alone take {max_prompt_tokens - room} tokens)")
-    document_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-    while True:  # decode/encode at the cut can merge tokens differently; shrink until it fits
-        ids = _encode(tokenizer, wrap(tokenizer.decode(document_ids[:room])))
-        if len(ids) <= max_prompt_tokens or room <= 1:
-            return ids, True
-        room -= max(1, len(ids) - max_prompt_tokens)
+    return Samples(chosen, spec, source, description, split)

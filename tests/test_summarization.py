@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import run_summarization  # noqa: E402
-from pyramidkv import predict, summarization  # noqa: E402
+from pyramidkv import predict, summarization, summary_prompt  # noqa: E402
 from pyramidkv.predict import CLIError  # noqa: E402
 from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread  # noqa: E402
 
@@ -255,20 +255,20 @@ def test_hub_probe_failure_switches_datasets_offline(monkeypatch):
 
 
 def test_kv_budget_rule():
-    assert summarization.kv_budget(100, 0.0, 8) == 100
-    assert summarization.kv_budget(100, 0.4, 8) == 60
-    assert summarization.kv_budget(101, 0.4, 8) == 61  # ceil
-    assert summarization.kv_budget(20, 0.9, 8) == 9  # never at or below the window
+    assert summary_prompt.kv_budget(100, 0.0, 8) == 100
+    assert summary_prompt.kv_budget(100, 0.4, 8) == 60
+    assert summary_prompt.kv_budget(101, 0.4, 8) == 61  # ceil
+    assert summary_prompt.kv_budget(20, 0.9, 8) == 9  # never at or below the window
 
 
 def test_long_document_is_truncated_to_the_prompt_budget(tiny_ckpt):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_ckpt)
     spec = summarization.DATASETS["xsum"]
-    ids, truncated = summarization.build_prompt(tokenizer, spec, "The quick brown fox jumps. " * 300, 120)
+    ids, truncated = summary_prompt.build_prompt(tokenizer, spec, "The quick brown fox jumps. " * 300, 120)
     assert truncated and 110 <= len(ids) <= 120
     assert tokenizer.decode(ids).rstrip().endswith("Summarize the above article in 1 sentence.")
-    short, cut = summarization.build_prompt(tokenizer, spec, "A short text.", 120)
+    short, cut = summary_prompt.build_prompt(tokenizer, spec, "A short text.", 120)
     assert not cut and len(short) < 100
 
 
@@ -326,3 +326,46 @@ def test_qa_choice_bad_lines(tmp_path, line, expected):
     path.write_text('{"context": "c", "choices": [" a", " b"], "gold": 1}\n' + line + "\n")
     with pytest.raises(CLIError, match=rf"^{path}:2: .*{expected}"):
         qa_choice.load_questions(str(path))
+
+
+def test_helm_file_with_cam_ratios(tiny_ckpt, tmp_path):
+    """CaM's HELM-style input (article = whole prompt, summary_gt, max_tokens, stop) and its
+    --start_ratio/--recent_ratio budget: window = recent part, budget = (start + recent) of the prompt."""
+    path = tmp_path / "cnndm_0shot.jsonl"
+    lines = [{"article": f"###\nArticle: Story {i} about the bridge.\n\nSummarize the above article in 3 sentences.\n",
+              "summary_gt": f"Bridge story {i}.", "max_tokens": 3, "stop": ["###"], "temperature": 0.3}
+             for i in range(2)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    run_summarization.main(["--model_name", tiny_ckpt, "--input_path", str(path), "--method", "streamingllm",
+                            "--start_ratio", "0.25", "--recent_ratio", "0.25", "--output_dir", str(out)])
+    config = json.loads((out / "config.json").read_text())["settings"]
+    assert config["dataset"] == "cnn_dailymail" and config["compress_ratio"] == 0.5
+    assert config["kv_method"] == "StreamingLLM"
+    for record in read_samples(out):
+        prompt = record["prompt_tokens"]
+        assert record["window_size"] == -(-prompt // 4) and record["kv_budget"] == -(-prompt // 2)
+        assert record["new_tokens_before"] <= 3  # the request's max_tokens
+        assert "###" not in record["answer_before"]
+
+
+def test_helm_prompt_is_middle_truncated_keeping_the_instruction(tiny_ckpt):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ckpt)
+    prompt = "###\nArticle: " + "The quick brown fox jumps. " * 300 + "\n\nSummarize the above article in 1 sentence.\n"
+    ids, truncated = summary_prompt.build_prompt(tokenizer, summarization.DATASETS["xsum"], prompt, 100,
+                                                complete_prompt=True)
+    text = tokenizer.decode(ids)
+    assert truncated and len(ids) <= 100 and "Summarize the above article in 1 sentence." in text
+    assert "###\nArticle:" in text
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--start_ratio", "0.2"], "give both"),
+    (["--start_ratio", "0.7", "--recent_ratio", "0.5"], "0 < start + recent <= 1"),
+    (["--compress_ratio", "0.3", "--start_ratio", "0.1", "--recent_ratio", "0.1"], "give one or the other"),
+])
+def test_cam_ratio_errors(argv, expected, tmp_path):
+    with pytest.raises(CLIError) as err:
+        run_summarization.main(["--model_name", "unused", "--output_dir", str(tmp_path / "o"), *argv])
+    assert expected in str(err.value)
