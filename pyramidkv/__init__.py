@@ -44,8 +44,13 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name):
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pyramidkv' has no attribute {name!r}")
+    if module is None:  # a submodule (pyramidkv.methods, ...), as the eager imports used to provide
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'pyramidkv' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
