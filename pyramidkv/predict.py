@@ -44,7 +44,8 @@ def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results") 
     g = parser.add_argument_group("model and compression")
     g.add_argument("--method", default="FullKV",
                    help="compression method (any case; aliases knorm/knormpress = L2Norm, streaming = "
-                        "StreamingLLM): FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm (default: FullKV)")
+                        "StreamingLLM): FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, ...; an "
+                        "unknown name lists the registered ones (default: FullKV)")
     g.add_argument("--model_path", default=DEFAULT_MODEL,
                    help="short name (smollm2 = SmolLM2-135M-Instruct from the registry package; tiny = the "
                         "embedded ckpt/pyramidkv-tiny-llama), a checkpoint dir, a .gguf file or an org/name "
