@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         "works)" if smoke else ""), file=sys.stderr, flush=True)
     model_name, fingerprint = resolve_model(args, predict)
     stem = os.path.splitext(os.path.basename(path))[0]
-    output_dir = args.output_dir or os.path.join("results_qa_choice",
+    output_dir = os.path.normpath(args.output_dir) if args.output_dir else os.path.join("results_qa_choice",
                                                  f"{stem}_{method}_{args.compress_ratio:g}")
     device = predict.resolve_device(args.device)
     settings = {"model_name": model_name, "model_fingerprint": fingerprint, "input": os.path.abspath(path),

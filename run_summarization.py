@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     if args.max_new_tokens is None and any(row.get("max_new_tokens") for row in samples.rows):
         max_new = "per request (the file's max_tokens)"
     model_name, fingerprint = resolve_model(args, predict)
-    output_dir = args.output_dir or os.path.join(
+    output_dir = os.path.normpath(args.output_dir) if args.output_dir else os.path.join(
         "results_summarization", f"{spec.name.replace('/', '_')}_{method}_{args.compress_ratio:g}")
     print(f"data: {len(samples.rows)} samples from {samples.description}", file=sys.stderr, flush=True)
 
