@@ -30,10 +30,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
 # only the standard library before the flags are checked: torch, transformers and pyramidkv are
 # imported in main() once the command line is known to be good (--help stays instant)
-from cli import BASELINE, CLIError, check_model_path, check_not_overwriting, choose_out_dir  # noqa: E402
-from cli import PLOT_SUFFIXES, parse_args, print_error  # noqa: E402
+from cli import BASELINE, PLOT_SUFFIXES, CLIError, check_not_overwriting, choose_out_dir, default_tag  # noqa: E402
+from cli import parse_args, print_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_model_arg(spec: str | None):
+    """What --model_path names, through pyramidkv.models (short names smollm2 / tiny, a .gguf file, a
+    checkpoint dir, an org/name hub id); None = random weights of --preset. Nothing is loaded."""
+    if spec is None:
+        return None
+    from pyramidkv import models
+
+    try:
+        return models.resolve_model(spec)
+    except ValueError as error:
+        raise CLIError(f"--model_path: {error}") from None
+
+
+def load_model(args, resolved):
+    """The model to measure: random weights of --preset, or the resolved checkpoint (a GGUF model via
+    its dequantized cached copy) converted to --dtype on --device."""
+    from common import build_model
+    from measure import torch_dtype
+
+    dtype = torch_dtype(args.dtype)
+    if resolved is None:
+        return build_model(None, args.preset, dtype, args.device, args.attn_implementation)
+    from pyramidkv import models
+
+    try:
+        path, gguf_file = models.local_checkpoint(resolved, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return build_model(path, args.preset, dtype, args.device, args.attn_implementation, gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError) as error:  # transformers' messages span lines: keep the first
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CLIError(f"cannot load --model_path {args.model_path!r} ({resolved.describe()}): {first}") from error
 
 
 def prepare(args) -> list[tuple]:
@@ -98,28 +130,29 @@ def main(argv=None) -> int:
         args = parse_args(argv, __doc__)
         if args.replot:
             return replot(args)
-        out_dir = choose_out_dir(args)
-        check_model_path(args.model_path)
+        resolved = resolve_model_arg(args.model_path)
         configs = prepare(args)
+        args.tag = args.tag or default_tag(args, resolved.name if resolved else args.preset)
+        out_dir = choose_out_dir(args)
+        return run(args, configs, resolved, out_dir, argv)
     except CLIError as error:
         return print_error(error)
-    return run(args, configs, out_dir, argv)
 
 
-def run(args, configs: list[tuple], out_dir: Path, argv) -> int:
+def run(args, configs: list[tuple], resolved, out_dir: Path, argv) -> int:
     import torch
-    from common import build_model, fix_malloc_threshold, kv_shape, machine_info
-    from measure import measure_interleaved, torch_dtype
+    from common import fix_malloc_threshold, kv_shape, machine_info
+    from measure import measure_interleaved
     from plots import plot, title_of
     from report import check_targets, markdown_table, targets_text, text_table, write_csv, write_json
 
     torch.set_num_threads(args.threads)
     malloc_fixed = not args.device.startswith("cuda") and fix_malloc_threshold()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))
-    model = build_model(args.model_path, args.preset, torch_dtype(args.dtype), args.device, args.attn_implementation)
+    model = load_model(args, resolved)
     shape = kv_shape(model)
     info = machine_info(args.device)
-    model_name = args.model_path or f"{args.preset} (random weights)"
+    model_name = resolved.name if resolved else f"{args.preset} (random weights)"
     title = title_of(model_name, vars(args))
     print(f"# pyramidkv efficiency benchmark — {title}")
     print(f"# model: {shape['layers']} layers, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}; "
@@ -142,6 +175,8 @@ def run(args, configs: list[tuple], out_dir: Path, argv) -> int:
         "git_commit": git_commit(),
         "note": args.note,
         "model": model_name,
+        "model_source": resolved.describe() if resolved else f"random weights of --preset {args.preset}",
+        "model_fingerprint": resolved.fingerprint() if resolved else None,
         "model_shape": shape,
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("note", "replot")}, "out_dir": str(out_dir)},
         "machine": info,

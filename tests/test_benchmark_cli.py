@@ -4,6 +4,7 @@ built, a --help that imports nothing heavy and documents every default."""
 import hashlib
 import importlib
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -90,6 +91,21 @@ def test_model_path_that_is_not_a_model(bench, no_model, capsys, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("error: --model_path") and err.count("\n") == 1, err
         assert expected in err
+
+
+def test_model_path_unknown_short_name_lists_the_names(bench, no_model, capsys, tmp_path):
+    assert exit_code(bench, TINY_RUN + ["--model_path", "smolm2", "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'smolm2' not found" in err and "smollm2, tiny" in err and err.count("\n") == 1
+
+
+def test_model_path_takes_the_runners_short_names(bench, tmp_path, capsys):
+    """--model_path tiny: the embedded checkpoint through pyramidkv.models, recorded with its fingerprint."""
+    assert bench.main(TINY_RUN + ["--model_path", "tiny", "--out_dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "clitest.json").read_text())
+    assert payload["model"] == "pyramidkv-tiny-llama" and payload["model_fingerprint"]
+    assert payload["model_shape"]["layers"] == 2 and payload["complete"]
+    assert "pyramidkv-tiny-llama" in capsys.readouterr().out
 
 
 def test_out_dir_under_a_file_is_refused(bench, no_model, capsys, tmp_path):

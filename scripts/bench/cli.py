@@ -93,7 +93,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "(git-ignored). benchmarks/ is written only when named here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace result files that already exist in --out_dir (refused otherwise)")
-    p.add_argument("--tag", default=None, help="output file stem; unset: <device>_<preset or 'model'>_<attn>")
+    p.add_argument("--tag", default=None, help="output file stem; unset: <device>_<preset or model name>_<attn>")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine state)")
     p.add_argument("--no_plots", action="store_true", help="write no PNG plots")
     p.add_argument("--replot", default=None, metavar="RESULTS_JSON",
@@ -113,7 +113,6 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         args.method_max_context = parse_method_limits(args.method_max_context)
         if args.dtype is None:
             args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-        args.tag = args.tag or default_tag(args)
     return args
 
 
@@ -155,8 +154,9 @@ def parse_method_limits(text: str) -> dict[str, int]:
     return limits
 
 
-def default_tag(args) -> str:
-    return f"{args.device.split(':')[0]}_{args.preset if not args.model_path else 'model'}_{args.attn_implementation}"
+def default_tag(args, model_label: str) -> str:
+    """<device>_<preset or model name>_<attention>, e.g. cpu_tiny_sdpa, cpu_SmolLM2-135M-Instruct_sdpa."""
+    return f"{args.device.split(':')[0]}_{model_label}_{args.attn_implementation}"
 
 
 def result_paths(out_dir: Path, tag: str, plots: bool) -> list[Path]:
@@ -199,18 +199,3 @@ def print_error(error: Exception) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
 
-
-def check_model_path(spec: str | None) -> None:
-    """--model_path names a checkpoint directory (with a config.json) or an org/name hub id."""
-    if spec is None:
-        return
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model_path {spec!r} is not a model: the directory has no config.json")
-        return
-    if path.exists():
-        raise CLIError(f"--model_path {spec!r} is a file, not a checkpoint directory")
-    hub_like = not (spec.startswith(("/", ".", "~")) or spec.count("/") != 1)
-    if not hub_like:
-        raise CLIError(f"--model_path {spec!r} not found: no such directory (and not an org/name hub id)")

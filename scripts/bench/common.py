@@ -49,14 +49,18 @@ def model_config(preset: str):
     raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(PRESETS)}")
 
 
-def build_model(model_path: str | None, preset: str, dtype: torch.dtype, device: str, attn: str, seed: int = 0):
-    """A causal LM in eval mode: from `model_path` if given, else random weights of `preset`."""
+def build_model(model_path: str | None, preset: str, dtype: torch.dtype, device: str, attn: str, seed: int = 0,
+                gguf_file: str | None = None):
+    """A causal LM in eval mode: from `model_path` (a checkpoint dir or hub id; with `gguf_file`, the
+    folder holding that GGUF file) if given, else random weights of `preset`. No tokenizer: the
+    benchmark's prompts are random token ids."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     if model_path:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn, **extra)
         return model.to(device).eval()
     config = model_config(preset)
     config._attn_implementation = attn
