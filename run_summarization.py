@@ -133,7 +133,7 @@ def sample_config(args, prompt_tokens: int) -> dict:
     window = max(1, math.ceil(args.recent_ratio * prompt_tokens))
     budget = summary_prompt.kv_budget(prompt_tokens, args.compress_ratio, window)
     config = {**method_config(args, budget), "window_size": window}
-    if args.kv_method.lower() in ("streamingllm", "streaming"):
+    if args.kv_method == "StreamingLLM":
         config["sink_size"] = math.ceil(args.start_ratio * prompt_tokens)
     return config
 
@@ -168,6 +168,7 @@ def main(argv=None) -> None:
         method = pyramidkv.build_method(args.kv_method, **method_config(args, args.window_size + 1)).name
     except ValueError as err:
         raise predict.CLIError(str(err)) from None
+    args.kv_method = method  # canonical spelling from here on
     samples = summarization.load_samples(args.dataset, args.split, args.data_dir, args.data_source,
                                          args.hub_name)
     spec = samples.spec
@@ -196,14 +197,15 @@ def main(argv=None) -> None:
         "budget_rule": "per sample: max_capacity_prompt = max(window_size + 1, ceil((1 - compress_ratio) "
                        "* prompt_tokens)) tokens per layer and KV head (window included)",
         "model": args.model_path, "budget_source": spec.budget_source, "data": samples.description, "split": samples.split,
-        "truncation": "document cut from its end so the whole prompt fits max_prompt_tokens",
+        "truncation": "document cut from its end so the whole prompt fits max_prompt_tokens (a complete "
+                      "HELM prompt loses its middle instead)",
         "decoding": "greedy, stops at EOS or max_new_tokens", "command": " ".join(sys.argv),
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
     summary_report.check_settings(output_dir, settings, info)  # refuse mixing before loading a model
     records = summary_report.load_records(output_dir)
-    pending = [row for row in samples.rows if row["id"] not in records]
+    pending = list({row["id"]: row for row in samples.rows if row["id"] not in records}.values())
 
     if pending:
         for chatty in ("pyramidkv", "absl"):  # per-sample kept-token / rouge-score logs would break tqdm
@@ -212,9 +214,10 @@ def main(argv=None) -> None:
         model, tokenizer = predict.load_model_and_tokenizer(args)
         scorer = summary_report.RougeF1()
         from tqdm import tqdm
+
+        from pyramidkv.result_files import append_jsonl
         for row in tqdm(pending, desc=f"{spec.name} {method} r={args.compress_ratio:g}", unit="sample"):
             record = run_sample(args, model, tokenizer, spec, row, method, max_prompt, max_new, scorer)
-            from pyramidkv.result_files import append_jsonl
             append_jsonl(os.path.join(output_dir, summary_report.SAMPLES_FILE), record)
             records[record["id"]] = record
     selected = [records[row["id"]] for row in samples.rows]
