@@ -14,6 +14,12 @@ A layer stores K = the largest row's count; a row that keeps fewer tokens has th
 and fillers before them. A row kept whole has exactly as many leading pad columns as fillers, so the
 attention mask hides them already; a compressed row below K has more fillers than pad columns, so
 the layer records them in `filler_slots` [B, K] and the attention hook hides them.
+
+Merged slots: a merging method may give each kept slot an additive logit bias (`slot_bias`
+[B, stored heads, K], fp32; 0 for plain slots): a slot holding the mean key of n merged tokens with bias
+ln n draws the attention of n copies. The attention hook adds it to the logits through the float mask
+(eager and sdpa; flash-attn takes no additive mask, so a bias there is an error). Slots appended while
+decoding carry no bias: the bias covers the prefill slots and later columns read as 0.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class CompressedLayer(DynamicLayer):
         self.kept_after_prefill: int | None = None  # slots stored per head (the largest row's count)
         self.kept_per_row: list[int] | None = None  # real tokens each row kept
         self.filler_slots: torch.Tensor | None = None  # [B, K] bool, True = slot the attention must hide
+        self.slot_bias: torch.Tensor | None = None  # [B, stored heads, K] fp32 additive logit bias; None = 0
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
@@ -94,8 +101,15 @@ class CompressedLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : length + added]
         self.values = self._value_buffer[:, :, : length + added]
 
-    def store_compressed(self, keys, values, kept_per_row: list[int], real_lengths: list[int]) -> None:
+    def store_compressed(self, keys, values, kept_per_row: list[int], real_lengths: list[int],
+                         slot_bias: torch.Tensor | None = None) -> None:
         self.keys, self.values = keys.contiguous(), values.contiguous()
+        if slot_bias is not None and tuple(slot_bias.shape) != tuple(keys.shape[:3]):
+            raise ValueError(f"slot_bias of shape {tuple(slot_bias.shape)} does not match the kept slots "
+                             f"{tuple(keys.shape[:3])} ([batch, heads, slots])")
+        # an all-zero bias (nothing merged) is no bias: attention keeps its boolean / built-in causal mask
+        keep_bias = slot_bias is not None and bool(slot_bias.any())
+        self.slot_bias = slot_bias.float().contiguous() if keep_bias else None
         self._key_buffer = self._value_buffer = None
         self.needs_compression = False
         slots = self.keys.shape[-2]
@@ -115,22 +129,34 @@ class CompressedLayer(DynamicLayer):
         physical = self.physical_length
         return physical + query_length, self.cumulative_length - physical
 
+    def attention_bias(self) -> torch.Tensor | None:
+        """The additive logit bias of every stored slot, [B, heads, physical length] (decode slots 0),
+        or None when no slot carries one."""
+        if self.slot_bias is None:
+            return None
+        extra = self.physical_length - self.slot_bias.shape[-1]
+        return torch.nn.functional.pad(self.slot_bias, (0, extra)) if extra > 0 else self.slot_bias
+
     def crop(self, tokens_to_remove: int) -> None:
         before = self.physical_length
         super().crop(tokens_to_remove)
         self.cumulative_length -= before - self.physical_length
+        if self.slot_bias is not None and self.slot_bias.shape[-1] > self.physical_length:
+            self.slot_bias = self.slot_bias[..., : self.physical_length]
 
     def reset(self) -> None:
         super().reset()
         self._key_buffer = self._value_buffer = None
         self.needs_compression = False
-        self.kept_after_prefill = self.kept_per_row = self.filler_slots = None
+        self.kept_after_prefill = self.kept_per_row = self.filler_slots = self.slot_bias = None
 
     # batch reshuffles (beam search, num_return_sequences, contrastive search) move the fillers too
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.filler_slots is not None:
             self.filler_slots = self.filler_slots.index_select(0, beam_idx.to(self.filler_slots.device))
+        if self.slot_bias is not None:
+            self.slot_bias = self.slot_bias.index_select(0, beam_idx.to(self.slot_bias.device))
         if self.kept_per_row is not None:
             self.kept_per_row = [self.kept_per_row[i] for i in beam_idx.tolist()]
 
@@ -138,6 +164,8 @@ class CompressedLayer(DynamicLayer):
         super().batch_repeat_interleave(repeats)
         if self.filler_slots is not None:
             self.filler_slots = self.filler_slots.repeat_interleave(repeats, dim=0)
+        if self.slot_bias is not None:
+            self.slot_bias = self.slot_bias.repeat_interleave(repeats, dim=0)
         if self.kept_per_row is not None:
             self.kept_per_row = [kept for kept in self.kept_per_row for _ in range(repeats)]
 
@@ -145,12 +173,15 @@ class CompressedLayer(DynamicLayer):
         super().batch_select_indices(indices)
         if self.filler_slots is not None:
             self.filler_slots = self.filler_slots[indices]
+        if self.slot_bias is not None:
+            self.slot_bias = self.slot_bias[indices]
         if self.kept_per_row is not None:
             self.kept_per_row = [self.kept_per_row[i] for i in torch.arange(len(self.kept_per_row))[indices].tolist()]
 
     def nbytes(self) -> int:
-        """Bytes of the K/V this layer holds (its buffer's capacity while decoding)."""
-        held = 0
+        """Bytes of the K/V this layer holds (its buffer's capacity while decoding), plus the slot bias
+        of a merging method."""
+        held = 0 if self.slot_bias is None else self.slot_bias.numel() * self.slot_bias.element_size()
         for logical, buffer in ((self.keys, self._key_buffer), (self.values, self._value_buffer)):
             if logical is None:
                 continue
@@ -201,8 +232,9 @@ class CompressedCache(Cache):
             self._row_budgets = [schedules[n] for n in lengths]
         budgets = [min(row[layer_idx], n) for row, n in zip(self._row_budgets, lengths)]
         with torch.no_grad():
-            new_keys, new_values = self.method.compress(inputs, budgets)
-        layer.store_compressed(new_keys, new_values, budgets, lengths)
+            stored = self.method.compress(inputs, budgets)  # (keys, values) or (keys, values, slot bias)
+        slot_bias = stored[2] if len(stored) > 2 else None
+        layer.store_compressed(stored[0], stored[1], budgets, lengths, slot_bias)
         if layer_idx == len(self.layers) - 1:
             log = logger.info if not getattr(self.method, "_logged", False) else logger.debug
             log("%s kept tokens per layer (prompt %d): %s", self.method.name, seq_len, self.kept_tokens())

@@ -7,7 +7,8 @@ Two thin wrappers:
 2. around the attention functions (eager/sdpa/flash_attention_2): for a layer that has just received
    its prefill, run attention on the full K/V, then let the cache keep what the method selects from the
    post-RoPE queries and keys. During decoding the wrapper only right-slices the shared mask to the
-   layer's own cache length (per-layer budgets) and hides a batch row's filler slots.
+   layer's own cache length (per-layer budgets), hides a batch row's filler slots and adds the per-slot
+   logit bias of merged slots (both additive per-slot terms of one float mask; eager and sdpa).
 The attention wrapper is a no-op when no compressed cache is active, so other models are untouched.
 
 Nothing is skipped silently: a cache pyramidkv cannot compress into (StaticCache, a filled
@@ -99,6 +100,27 @@ def _hide_filler_slots(mask, fillers, query, key, kind: str):
     return torch.where(hidden, torch.finfo(mask.dtype).min, mask)
 
 
+def _add_slot_bias(mask, bias, query, key):
+    """The attention mask as an additive float mask [B, Hq, q, kv] with the layer's per-slot logit bias
+    added (bias [B, stored heads, slots]; slot j = mask column j after the right-slice, decode columns
+    beyond the bias get 0). Heads: query head h*groups + g reads stored head h (repeat_kv's order, which
+    sdpa's single-query GQA packing keeps)."""
+    batch, heads, slots = bias.shape
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    dtype = query.dtype
+    if mask is None:  # nothing given: the causal mask for the last q positions
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=key.device)[:, None]
+        mask = (torch.arange(kv_len, device=key.device)[None, :] <= q_pos)[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=key.device).masked_fill(~mask, torch.finfo(dtype).min)
+    groups = query.shape[1] // heads
+    per_slot = torch.zeros(batch, heads, kv_len, dtype=dtype, device=key.device)
+    per_slot[..., :slots] = bias[..., :kv_len].to(dtype)
+    per_slot = per_slot.repeat_interleave(groups, dim=1)[:, :, None, :]
+    # masked columns stay at the dtype's minimum (a positive bias must not unmask them)
+    return torch.where(mask <= torch.finfo(mask.dtype).min, mask, mask + per_slot)
+
+
 def _compressing_attention(base_attention, kind: str):
     """`kind`: "eager", "sdpa" or "flash" (which mask format the base function takes)."""
 
@@ -114,6 +136,11 @@ def _compressing_attention(base_attention, kind: str):
             attention_mask = attention_mask[..., -key.shape[-2] :]
         if layer.filler_slots is not None and not layer.needs_compression:
             attention_mask = _hide_filler_slots(attention_mask, layer.filler_slots, query, key, kind)
+        if layer.slot_bias is not None and not layer.needs_compression:
+            if kind == "flash":
+                raise ValueError(f"{cache.method.name} stores a per-slot logit bias, which flash_attention_2 "
+                                 f"cannot add; valid choices: eager, sdpa")
+            attention_mask = _add_slot_bias(attention_mask, layer.slot_bias, query, key)
         attending = module
         if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
             attending = _StoredHeadsModule(module)
@@ -183,12 +210,19 @@ def _unwrap_attention_functions() -> None:
 
 
 # ---- model forward ------------------------------------------------------------------------------
-def check_attention_implementation(config) -> None:
+def check_attention_implementation(config, method=None) -> None:
+    """One-line error for a kernel pyramidkv cannot run (or cannot run `method` on: a method whose slots
+    carry a logit bias needs an additive mask, i.e. eager or sdpa)."""
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attn_implementation={implementation!r} is not supported by pyramidkv; "
             f"valid choices: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if implementation == "flash_attention_2" and method is not None and method.uses_logit_bias:
+        raise ValueError(
+            f"attn_implementation='flash_attention_2' cannot add {method.name}'s per-slot logit bias "
+            f"(merged slots); valid choices for {method.name}: eager, sdpa"
         )
     if implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ValueError(
@@ -216,9 +250,10 @@ def _forward_with_compression(original_forward, get_method):
         if use_cache and not isinstance(cache, CompressedCache):
             _check_cache_is_compressible(cache, model)
         if isinstance(cache, CompressedCache) or use_cache:
-            check_attention_implementation(model.config)
             if not isinstance(cache, CompressedCache):
                 cache = CompressedCache(get_method(model), model.config)
+            check_attention_implementation(model.config, cache.method)
+            if cache is not argument(args, kwargs, "past_key_values"):
                 position = parameters.index("past_key_values")
                 if position < len(args):
                     args = (*args[:position], cache, *args[position + 1 :])
@@ -360,7 +395,7 @@ def compress(model, method: str, **config):
     global _open_scopes
     built = build_method(method, **config)
     base, _ = _base_model(model)
-    check_attention_implementation(base.config)
+    check_attention_implementation(base.config, built)
     _wrap_attention_functions()
     with _lock:
         _open_scopes += 1

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import KVMethod, PrefillInputs
+from .base import BUDGET_FIELDS, KVMethod, PrefillInputs
+from .cam import CaM
 from .chunkkv import ChunkKV
 from .fullkv import FullKV
 from .h2o import H2O
+from .keepkv import KeepKV
 from .l2norm import L2Norm
+from .pyramidinfer import PyramidInfer
 from .pyramidkv import PyramidKV
+from .simcalkv import SimCalKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
 METHODS: dict[str, type[KVMethod]] = {
-    cls.name: cls for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV)
+    cls.name: cls
+    for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, KeepKV, PyramidInfer, CaM)
 }
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
 
@@ -48,6 +53,8 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
     """A configured method from its name (any case) or an already built method (returned as is)."""
     if isinstance(method, KVMethod):
         if config:
+            if any(field in config for field in BUDGET_FIELDS):  # a new budget replaces the old one
+                config = {**{field: None for field in BUDGET_FIELDS}, **config}
             return dataclasses.replace(method, **config)
         return method
     cls = METHODS[canonical_name(method)]

@@ -3,6 +3,12 @@
 A method sees one layer's prefill through :class:`PrefillInputs` and returns, per head, the indices of
 the prompt tokens to keep (:meth:`KVMethod.select`). Scorer methods only implement :meth:`score`; the
 base class handles budgets (one per row of a batch), the observation window, left padding and GQA.
+
+Budgets: exactly one of `max_capacity_prompt` (tokens per layer and head), `compress_ratio` (fraction
+of each row's real tokens removed, SimCalKV's `--compress_ratio`) or `keep_ratio` (fraction kept,
+CS3602's); a ratio is resolved per row from that row's real length (:meth:`KVMethod.capacity`).
+Merging methods return a third tensor from :meth:`KVMethod.compress`: an additive logit bias per
+stored slot (see CompressedLayer.slot_bias).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ POOLINGS = ("avgpool", "maxpool")
 # the KV heads; "query_head": K/V repeated to the query heads, one selection per query head, the cache
 # stores num_attention_heads heads (KVCache-Factory's default, and its memory)
 GQA_SELECTIONS = ("kv_head", "query_head")
+DEFAULT_CAPACITY = 128  # max_capacity_prompt when no budget is given
+BUDGET_FIELDS = ("max_capacity_prompt", "compress_ratio", "keep_ratio")
 
 
 @dataclass
@@ -59,7 +67,10 @@ def _check_positive_int(name: str, value) -> None:
 class KVMethod:
     """Base config shared by all methods.
 
-    max_capacity_prompt: tokens kept per layer and head after prefill, observation window included.
+    max_capacity_prompt: tokens kept per layer and head after prefill, observation window included
+        (default 128 when neither ratio is given).
+    compress_ratio / keep_ratio: the budget as a fraction of each row's real tokens, removed / kept
+        (one of the three budgets only; a ratio lies strictly between 0 and 1).
     window_size: the last `window_size` prompt tokens are always kept and (for attention-based scorers)
         are the observation window whose queries vote for the prefix.
     kernel_size / pooling: 1-D pooling of the votes (SnapKV's clustering step); the kernel is odd so
@@ -68,16 +79,19 @@ class KVMethod:
     """
 
     name: ClassVar[str] = "base"
-    max_capacity_prompt: int = 128
+    max_capacity_prompt: int | None = None
     window_size: int = 8
     kernel_size: int = 7
     pooling: str = "maxpool"
     gqa_selection: str = "kv_head"
+    compress_ratio: float | None = None
+    keep_ratio: float | None = None
 
     def __post_init__(self):
-        for field in ("max_capacity_prompt", "window_size", "kernel_size"):
+        self._check_budget()
+        for field in ("window_size", "kernel_size"):
             _check_positive_int(field, getattr(self, field))
-        if self.max_capacity_prompt <= self.window_size:
+        if self.max_capacity_prompt is not None and self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"max_capacity_prompt={self.max_capacity_prompt} must be larger than "
                 f"window_size={self.window_size} (the budget includes the observation window)"
@@ -94,11 +108,42 @@ class KVMethod:
                 f"gqa_selection={self.gqa_selection!r} is unknown; valid choices: {', '.join(GQA_SELECTIONS)}"
             )
 
+    def _check_budget(self) -> None:
+        """Exactly one budget; a ratio strictly inside (0, 1); max_capacity_prompt 128 when none is given."""
+        given = [field for field in BUDGET_FIELDS if getattr(self, field) is not None]
+        if len(given) > 1:
+            values = ", ".join(f"{field}={getattr(self, field)!r}" for field in given)
+            raise ValueError(f"{values}: give one budget only; choices: max_capacity_prompt (tokens), "
+                             f"compress_ratio (fraction removed) or keep_ratio (fraction kept)")
+        for field in ("compress_ratio", "keep_ratio"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < 1):
+                raise ValueError(f"{field}={value!r} is invalid: it must be a fraction strictly between 0 and 1")
+        if not given:
+            self.max_capacity_prompt = DEFAULT_CAPACITY
+        if self.max_capacity_prompt is not None:
+            _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
+
+    @property
+    def uses_logit_bias(self) -> bool:
+        """True for a method whose slots carry an additive logit bias (eager/sdpa only)."""
+        return False
+
+    def capacity(self, seq_len: int) -> int:
+        """Tokens a row of `seq_len` real tokens keeps per layer before any layer schedule: the token
+        budget, or the ratio of its length (SimCalKV: ceil((1 - compress_ratio) * n) = n - floor(r n);
+        at least 1)."""
+        if self.max_capacity_prompt is not None:
+            return self.max_capacity_prompt
+        kept = self.keep_ratio if self.keep_ratio is not None else 1 - self.compress_ratio
+        return max(1, math.ceil(kept * seq_len - 1e-9))  # 1e-9: (1 - 0.4) * 10 is 6, not 6.000...1
+
     # ---- what subclasses override -------------------------------------------------------------
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         """Tokens kept per layer (window included) for a prompt of `seq_len` real tokens; uniform by
         default. In a batch this is called once per row, with that row's real length."""
-        return [min(self.max_capacity_prompt, seq_len)] * num_layers
+        return [min(self.capacity(seq_len), seq_len)] * num_layers
 
     def score(self, x: PrefillInputs, window: int) -> torch.Tensor:
         """Scores of the prefix tokens, [B, Hq or Hkv, S - window]; higher = keep. Per-query-head
@@ -127,12 +172,15 @@ class KVMethod:
             return repeat_kv(x.keys, x.num_kv_groups), repeat_kv(x.values, x.num_kv_groups)
         return x.keys, x.values
 
-    def select(self, x: PrefillInputs, budget: int | Sequence[int]) -> torch.Tensor | None:
+    def select(self, x: PrefillInputs, budget: int | Sequence[int], full_scores: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         """Indices [B, H, K] of the tokens to keep (H: stored heads), None = keep everything.
 
         `budget`: one int, or one per row. A row keeps min(budget, real length) tokens, ascending, in
         its LAST slots; K is the largest row's count and a row below it fills its first slots with
-        positions the cache hides (see keep_top_prefix_and_window and CompressedCache)."""
+        positions the cache hides (see keep_top_prefix_and_window and CompressedCache).
+        `full_scores`: scores of ALL tokens [B, Hq or Hkv, S] already computed by the caller (merging
+        methods reuse them); None = call :meth:`score`."""
         row_budgets = _row_budgets(budget, x)
         lengths = x.real_lengths()
         if all(b >= n for b, n in zip(row_budgets, lengths)) and max(lengths) == x.seq_len:
@@ -140,15 +188,17 @@ class KVMethod:
         compressed = [b for b, n in zip(row_budgets, lengths) if b < n]
         window = min(self.window_size, *compressed) if compressed else min(self.window_size, x.seq_len)
         if compressed:
-            prefix_scores = self.selection_heads(self.score(x, window).float(), x)
+            scores = self.score(x, window) if full_scores is None else full_scores[..., : x.seq_len - window]
+            prefix_scores = self.selection_heads(scores.float(), x)
         else:  # every row is kept whole: no scores needed, only the layout
             heads = self.stored_states(x)[0].shape[1]
             prefix_scores = x.keys.new_zeros(x.keys.shape[0], heads, x.seq_len - window, dtype=torch.float32)
         return keep_top_prefix_and_window(prefix_scores, row_budgets, x.seq_len, x.padding_mask)
 
-    def compress(self, x: PrefillInputs, budget: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def compress(self, x: PrefillInputs, budget: int | Sequence[int]) -> tuple[torch.Tensor, ...]:
         """The K/V to store for this layer (row b's kept tokens in its last min(budget_b, length_b)
-        slots). Merging methods override this."""
+        slots). Merging methods override this and may return a third tensor: the slots' additive logit
+        bias [B, stored heads, K] (None or absent = no bias)."""
         keys, values = self.stored_states(x)
         keep = self.select(x, budget)
         if keep is None:

@@ -24,7 +24,7 @@ class L2Norm(KVMethod):
             )
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
-        kept = min(self.max_capacity_prompt, seq_len)
+        kept = min(self.capacity(seq_len), seq_len)
         return [seq_len if layer < self.skip_layers else kept for layer in range(num_layers)]
 
     def score(self, x: PrefillInputs, window: int):

@@ -2,8 +2,8 @@
 Funneling" (arXiv:2406.02069).
 
 SnapKV scoring with per-layer budgets that decrease arithmetically with depth: lower layers attend
-broadly, upper layers focus on few tokens. With C = max_capacity_prompt, w = window, L layers, s prompt
-tokens: min = (C-w)/beta, max = 2(C-w) - min (if max >= s-w: max = s-w, min = 2(C-w) - max); layer l
+broadly, upper layers focus on few tokens. With C = max_capacity_prompt (or the row's ratio budget),
+w = window, L layers, s prompt tokens: min = (C-w)/beta, max = 2(C-w) - min (if max >= s-w: max = s-w, min = 2(C-w) - max); layer l
 keeps max - (max-min)*l/(L-1) prefix tokens plus the window. Falls back to uniform budgets when
 s < 2(C-w). Unlike KVCache-Factory's integer steps (which overshoot, e.g. 4016 vs 3840 tokens at C=128,
 w=8, L=32), our integer budgets sum to exactly L*(C-w) prefix tokens.
@@ -30,11 +30,12 @@ class PyramidKV(SnapKV):
         check_finite_number("beta", self.beta, minimum=1)
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
-        per_layer = self.max_capacity_prompt - self.window_size
-        if seq_len <= self.max_capacity_prompt:
+        capacity = self.capacity(seq_len)  # the token budget, or this row's ratio of its length
+        per_layer = capacity - self.window_size
+        if seq_len <= capacity:
             return [seq_len] * num_layers
-        if num_layers == 1 or seq_len < 2 * per_layer:
-            return [self.max_capacity_prompt] * num_layers
+        if num_layers == 1 or per_layer <= 0 or seq_len < 2 * per_layer:
+            return [capacity] * num_layers
         cap = seq_len - self.window_size
         low = per_layer / self.beta
         high = 2 * per_layer - low
