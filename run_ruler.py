@@ -1,6 +1,7 @@
 """Predict RULER answers with a KV-cache compression method.
 
     python run_ruler.py --method SnapKV --max_capacity_prompts 128 --context_lengths 4096,8192
+    python run_ruler.py --method FullKV,SnapKV,PyramidKV --max_capacity_prompts 128,512   # one prefill each
 
 Samples come from {data_dir}/{length}/{task}.jsonl when --data_dir holds them (written by
 `python -m pyramidkv.ruler`), otherwise they are generated on the fly with the model's own tokenizer
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="RULER predictions (Hsieh et al., 2024): synthetic long-context tasks generated "
                     "offline in the model's own tokens, greedy decoding, RULER's tokens_to_generate.")
-    predict.add_common_args(parser, save_dir=DEFAULT_SAVE_DIR)
+    predict.add_common_args(parser, save_dir=DEFAULT_SAVE_DIR, sweep=True)
     g = parser.add_argument_group("RULER")
     g.add_argument("--context_lengths", default="4096",
                    help="comma list of total lengths in tokens (prompt + tokens_to_generate) (default: 4096)")
@@ -89,22 +90,48 @@ def results_path(out_dir: str, length: int, task: str, method: str) -> str:
     return os.path.join(out_dir, str(length), task, f"{method}.json")
 
 
-def run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm, get_sample) -> None:
-    out_path = results_path(out_dir, length, task, args.method)
-    done = result_files.load_done_ids(out_path, key="index")
-    pending = [i for i in range(args.num_samples) if i not in done]
-    progress = tqdm(total=args.num_samples, initial=args.num_samples - len(pending),
-                    desc=f"{task}@{length}", unit="sample")
-    for start in range(0, len(pending), args.eval_batch_size):
-        batch = [get_sample(i) for i in pending[start:start + args.eval_batch_size]]
-        preds = predict.generate(model, tokenizer, [s["input"] for s in batch],
-                                 max(s["tokens_to_generate"] for s in batch), args.method, config)
-        for sample, pred in zip(batch, preds):
-            result_files.append_jsonl(out_path, {"pred": pred, "outputs": sample["outputs"],
-                                                 "length": sample["length"], "index": sample["index"],
-                                                 "depth": sample.get("depth")})
+def run_task(runs, model, tokenizer, task, length, tqdm, get_sample, batch_size) -> None:
+    """Predict every pending sample of (task, length) for each run (one (method, budget) each).
+
+    With several runs a prompt is prefilled once and decoded per run (predict.generate_many gives the
+    same predictions as one generate each); a run that already has a sample is not decoded for it."""
+    num_samples = runs[0].args.num_samples
+    for run in runs:
+        run.out_path = results_path(run.out_dir, length, task, run.args.method)
+        run.done = result_files.load_done_ids(run.out_path, key="index")
+    pending = sorted({i for run in runs for i in range(num_samples) if i not in run.done})
+    progress = tqdm(total=num_samples, initial=num_samples - len(pending), desc=f"{task}@{length}",
+                    unit="sample", postfix=f"{len(runs)} method x budget" if len(runs) > 1 else None)
+    for start in range(0, len(pending), batch_size):
+        batch = [get_sample(i) for i in pending[start:start + batch_size]]
+        active = [run for run in runs if any(s["index"] not in run.done for s in batch)]
+        prompts = [s["input"] for s in batch]
+        max_new = max(s["tokens_to_generate"] for s in batch)
+        if len(active) == 1:
+            preds = [predict.generate(model, tokenizer, prompts, max_new, active[0].args.method, active[0].config)]
+        else:
+            preds = predict.generate_many(model, tokenizer, prompts, max_new,
+                                          [(run.args.method, run.config) for run in active])
+        for run, run_preds in zip(active, preds):
+            for sample, pred in zip(batch, run_preds):
+                if sample["index"] not in run.done:
+                    result_files.append_jsonl(run.out_path, {
+                        "pred": pred, "outputs": sample["outputs"], "length": sample["length"],
+                        "index": sample["index"], "depth": sample.get("depth")})
         progress.update(len(batch))
     progress.close()
+
+
+class Run:
+    """One (method, budget) of a run_ruler invocation: its flags, results directory and settings."""
+
+    def __init__(self, args, resolved):
+        self.args = args
+        self.config = predict.method_config(args)
+        self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+        real = (lambda path: os.path.realpath(path) if path else None)
+        self.settings = results_dir.run_settings(args, {"benchmark": "RULER", "data_dir": real(args.data_dir),
+                                                        "qa_dir": real(args.qa_dir)})
 
 
 def main(argv=None) -> None:
@@ -116,24 +143,25 @@ def main(argv=None) -> None:
         raise predict.CLIError(str(err)) from None
     if args.num_samples < 1:
         raise predict.CLIError(f"--num_samples {args.num_samples} must be at least 1")
-    predict.validate_run_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
+    sweep = predict.expand_sweep(args)  # one namespace per (method, budget), names canonical
+    for one in sweep:
+        predict.validate_run_args(one)
     for task in tasks:  # fail on missing or unreadable QA files before loading a model (reads are cached)
         if task.startswith("qa_"):
             dataset = task_args(task)["dataset"]
             READ_QA[dataset](find_qa_file(dataset, args.qa_dir))
     resolved = predict.resolve_model(args)
     pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}
-    out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
-    results_dir.check_writable(args.save_dir, out_dir)
-    real = (lambda path: os.path.realpath(path) if path else None)
-    settings = results_dir.run_settings(args, {"benchmark": "RULER", "data_dir": real(args.data_dir),
-                                               "qa_dir": real(args.qa_dir)})
-    results_dir.check_settings(out_dir, settings, resolved.fingerprint())
-    paths = [results_path(out_dir, length, task, args.method) for length in lengths for task in tasks]
+    runs = [Run(one, resolved) for one in sweep]
+    fingerprint = resolved.fingerprint()
+    for run in runs:
+        results_dir.check_writable(args.save_dir, run.out_dir)
+        results_dir.check_settings(run.out_dir, run.settings, fingerprint)
+    paths = [results_path(run.out_dir, length, task, run.args.method)
+             for run in runs for length in lengths for task in tasks]
     with results_dir.locked(paths):
         predict.set_seed(args.seed)
         model, tokenizer = predict.load_model_and_tokenizer(args)
-        config = predict.method_config(args)
         chat = predict.uses_chat_template(tokenizer, args.chat_template)
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_positions and max(lengths) > max_positions:
@@ -146,16 +174,17 @@ def main(argv=None) -> None:
                 "data_dir": args.data_dir, "decoding": "greedy",
                 "data_sources": {f"{length}/{task}": data_source(args, task, length)
                                  for length in lengths for task in tasks}}
-        predict.write_run_meta(out_dir, args, meta, settings)
-        print(f"RULER {args.method} budget {args.max_capacity_prompts}; chat template: {'yes' if chat else 'no'}; "
-              f"results -> {out_dir}", file=sys.stderr, flush=True)
+        for run in runs:
+            predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
+            print(f"RULER {run.args.method} budget {run.args.max_capacity_prompts}; chat template: "
+                  f"{'yes' if chat else 'no'}; results -> {run.out_dir}", file=sys.stderr, flush=True)
 
         from tqdm import tqdm
         for length in lengths:
             for task in tasks:
                 get_sample = sample_getter(args, tokenizer, task, length, chat, pregenerated[(length, task)],
                                            resolved.name)
-                run_task(args, model, tokenizer, task, length, out_dir, config, chat, tqdm, get_sample)
+                run_task(runs, model, tokenizer, task, length, tqdm, get_sample, args.eval_batch_size)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,20 @@ class CLIError(ValueError):
     """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
 
 
-def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results") -> None:
+def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", sweep: bool = False) -> None:
     """Flags shared by every runner (names follow PyramidKV/KVCache-Factory scripts); save_dir is the
     runner's default --save_dir (one per benchmark, so eval.py never sees a mixed tree by default).
+    sweep: --method and --max_capacity_prompts take comma lists (the runner expands them, see
+    expand_sweep).
 
     Nothing here imports torch, so `--help` stays fast."""
     g = parser.add_argument_group("model and compression")
+    lists = ("; a comma list runs every method x budget from one shared prefill per prompt, with the "
+             "same predictions as one run each" if sweep else "")
     g.add_argument("--method", default="FullKV",
                    help="compression method (any case; aliases knorm/knormpress = L2Norm, streaming = "
                         "StreamingLLM): FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, ...; an "
-                        "unknown name lists the registered ones (default: FullKV)")
+                        f"unknown name lists the registered ones{lists} (default: FullKV)")
     g.add_argument("--model_path", default=DEFAULT_MODEL,
                    help="short name (smollm2 = SmolLM2-135M-Instruct from the registry package; tiny = the "
                         "embedded ckpt/pyramidkv-tiny-llama), a checkpoint dir, a .gguf file or an org/name "
@@ -53,8 +57,9 @@ def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results") 
     g.add_argument("--save_dir", default=save_dir,
                    help=f"root directory for predictions; results go to {{save_dir}}/{{model}}_{{budget}} "
                         f"(default: {save_dir})")
-    g.add_argument("--max_capacity_prompts", type=int, default=128,
-                   help="KV entries kept per layer and KV head, window included (default: 128)")
+    g.add_argument("--max_capacity_prompts", type=str if sweep else int, default=128,
+                   help=f"KV entries kept per layer and KV head, window included{lists and ' (comma list)'} "
+                        "(default: 128)")
     g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
                    help="attention kernel (default: sdpa)")
     g.add_argument("--window_size", type=int, default=8, help="observation window (default: 8)")
@@ -85,6 +90,31 @@ def check_method(name: str) -> str:
         return pyramidkv.canonical_name(name)
     except ValueError as err:
         raise CLIError(str(err)) from None
+
+
+def expand_sweep(args) -> list[argparse.Namespace]:
+    """One namespace per (method, budget) of comma-list --method / --max_capacity_prompts, methods
+    canonicalized; FullKV keeps everything, so it runs once (under the first budget)."""
+    methods = [m.strip() for m in str(args.method).split(",") if m.strip()]
+    budgets = []
+    for text in str(args.max_capacity_prompts).split(","):
+        try:
+            budgets.append(int(text))
+        except ValueError:
+            raise CLIError(f"--max_capacity_prompts {args.max_capacity_prompts!r}: {text!r} is not an integer; "
+                           "give tokens per layer and KV head, e.g. 128 or 64,128,256") from None
+    if not methods or not budgets:
+        raise CLIError("--method and --max_capacity_prompts need at least one value each")
+    expanded, seen = [], set()
+    for budget in budgets:
+        for method in methods:
+            name = check_method(method)
+            key = (name, None if name == "FullKV" else budget)
+            if key in seen:
+                continue
+            seen.add(key)
+            expanded.append(argparse.Namespace(**dict(vars(args), method=name, max_capacity_prompts=budget)))
+    return expanded
 
 
 def validate_method_args(args) -> None:
@@ -273,36 +303,57 @@ def stop_token_ids(tokenizer, stop_strings: list[str]) -> list[int]:
     return ids
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, method: str, config: dict,
-             stop_strings: list[str] | None = None) -> list[str]:
-    """Greedy, left-padded batch generation under one compression method; returns new text only.
-
-    Prompts that already start with the BOS token (chat templates insert it) are tokenized without
-    adding another one. stop_strings follow the official LongBench recipe: the token id ending each
-    string joins the EOS ids, and at least one new token is generated (min_new_tokens=1) so an
-    answer cannot stop before it starts. The stop token itself stays in the returned text.
-    """
-    import torch
-
+def encode_prompts(model, tokenizer, prompts: list[str]):
+    """Left-padded batch encoding; prompts that already start with the BOS token (chat templates insert
+    it) are tokenized without adding another one."""
     bos = tokenizer.bos_token
     add_special = not (bos and all(p.startswith(bos) for p in prompts))
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-    inputs = inputs.to(model.device)
-    prompt_len = inputs["input_ids"].shape[1]
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                      temperature=None, top_p=None, top_k=None,
-                      pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+    return inputs.to(model.device)
+
+
+def generation_kwargs(model, tokenizer, stop_strings: list[str] | None = None) -> dict:
+    """Greedy decoding settings; stop_strings follow the official LongBench recipe: the token id ending
+    each string joins the EOS ids, and at least one new token is generated (min_new_tokens=1) so an
+    answer cannot stop before it starts. The stop token itself stays in the returned text."""
+    kwargs = dict(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=tokenizer.pad_token_id)
     if stop_strings:
         eos = model.generation_config.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
-        gen_kwargs.update(eos_token_id=eos + stop_token_ids(tokenizer, stop_strings), min_new_tokens=1)
+        kwargs.update(eos_token_id=eos + stop_token_ids(tokenizer, stop_strings), min_new_tokens=1)
+    return kwargs
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, method: str, config: dict,
+             stop_strings: list[str] | None = None) -> list[str]:
+    """Greedy, left-padded batch generation under one compression method; returns new text only
+    (see encode_prompts and generation_kwargs)."""
+    import torch
+
+    inputs = encode_prompts(model, tokenizer, prompts)
+    prompt_len = inputs["input_ids"].shape[1]
+    gen_kwargs = dict(generation_kwargs(model, tokenizer, stop_strings), max_new_tokens=max_new_tokens,
+                      return_dict_in_generate=True)
     with torch.inference_mode(), _compression_context(model, method, config):
         out = model.generate(**inputs, **gen_kwargs)
     new_tokens = out.sequences[:, prompt_len:]
     _log_kept_counts(model, method, getattr(out, "past_key_values", None), prompt_len)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def generate_many(model, tokenizer, prompts: list[str], max_new_tokens: int, configs: list[tuple[str, dict]],
+                  stop_strings: list[str] | None = None) -> list[list[str]]:
+    """generate() for several (method, config) pairs from ONE prefill (pyramidkv.shared_prefill):
+    the same texts as one generate() per pair, at the cost of one prefill plus one decode each."""
+    from .shared_prefill import generate_many as shared
+
+    inputs = encode_prompts(model, tokenizer, prompts)
+    outputs = shared(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens, configs,
+                     generation_kwargs(model, tokenizer, stop_strings))
+    return [tokenizer.batch_decode(tokens, skip_special_tokens=True) for tokens in outputs]
 
 
 def run_cli(main, argv=None) -> int:

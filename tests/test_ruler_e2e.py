@@ -133,3 +133,34 @@ def test_sweep_table_methods_by_budgets(tmp_path, capsys):
     assert per_task[2] == "| method | budget | niah_single_1 | average |"
     assert per_task[4:] == ["| FullKV | all | 90.0 | 90.0 |", "| SnapKV | 64 | 40.0 | 40.0 |",
                             "| SnapKV | 128 | 70.0 | 70.0 |", "| StreamingLLM | 128 | 10.0 | 10.0 |"]
+
+
+def test_a_sweep_predicts_what_one_run_per_method_and_budget_does(tmp_path):
+    """--method A,B --max_capacity_prompts x,y: one shared prefill per prompt, the same files as separate
+    runs (on the embedded checkpoint, whose answers depend on what is kept), FullKV once, resumable."""
+    base = ["--model_path", "tiny", "--context_lengths", "512", "--tasks", "niah_single_1,niah_multikey_1",
+            "--num_samples", "3", "--window_size", "4"]
+    methods, budgets = ["FullKV", "snapkv", "PyramidKV", "StreamingLLM"], ["24", "64"]
+    for method in methods:
+        for budget in budgets:
+            if method == "FullKV" and budget != budgets[0]:
+                continue
+            argv = base + ["--method", method, "--max_capacity_prompts", budget, "--save_dir", str(tmp_path / "one")]
+            assert predict.run_cli(run_ruler.main, argv) == 0
+    # a sweep killed after one sample of the first task resumes where it stopped
+    partial = base + ["--method", ",".join(methods), "--max_capacity_prompts", ",".join(budgets),
+                      "--save_dir", str(tmp_path / "sweep"), "--eval_batch_size", "2"]
+    assert predict.run_cli(run_ruler.main, partial[:partial.index("--num_samples") + 1] + ["1"]
+                           + partial[partial.index("--num_samples") + 2:]) == 0
+    assert predict.run_cli(run_ruler.main, partial) == 0
+    one, sweep = tmp_path / "one", tmp_path / "sweep"
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*.json") if p.name != "run_meta.json")
+    assert files == sorted(str(p.relative_to(sweep)) for p in sweep.rglob("*.json") if p.name != "run_meta.json")
+    assert "pyramidkv-tiny-llama_64/512/niah_single_1/FullKV.json" not in files  # FullKV runs once
+    preds = set()
+    for name in files:
+        expected = sorted(_lines(one / name), key=lambda r: r["index"])
+        got = sorted(_lines(sweep / name), key=lambda r: r["index"])
+        assert got == expected, name
+        preds.add(tuple(r["pred"] for r in got))
+    assert len(preds) > 3  # methods and budgets really answer differently
