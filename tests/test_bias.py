@@ -101,3 +101,18 @@ def test_flash_attention_2_with_a_bias_method_is_a_one_line_error():
         check_attention_implementation(model.config, method)
     except ValueError as err:  # only the missing flash-attn package may be reported
         assert "flash-attn" in str(err)
+
+
+def test_bias_reaches_the_query_heads_of_its_kv_head_and_keeps_masked_columns_masked():
+    from pyramidkv.patch import _add_slot_bias
+
+    bias = torch.tensor([[[1.0, 2.0, 0.0], [5.0, 6.0, 0.0]]])  # 1 row, 2 stored (KV) heads, 3 slots
+    query, key = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4, 8)  # 4 query heads, 2 queries, 4 columns
+    out = _add_slot_bias(None, bias, query, key)  # no mask given: causal for the last 2 positions
+    low = torch.finfo(torch.float32).min
+    assert out.shape == (1, 4, 2, 4)
+    for head, expected in enumerate([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [5.0, 6.0, 0.0], [5.0, 6.0, 0.0]]):
+        assert out[0, head, 1, :3].tolist() == expected and out[0, head, 1, 3] == 0  # decode column: 0
+        assert out[0, head, 0, 3] == low  # the first query does not see the last column
+    shared = torch.tensor([[True, False, True, True]])[None, None]  # a bool mask hiding column 1
+    assert _add_slot_bias(shared, bias, query, key)[0, 2, 0, 1] == low
