@@ -7,8 +7,12 @@
 
 or, for one model only:
 
-    with pyramidkv.compress(model, "snapkv", max_capacity_prompt=128):
+    with pyramidkv.compress(model, "snapkv", max_capacity_prompt=128):   # or compress_ratio=0.4 / keep_ratio=0.6
         model.generate(...)
+
+A finished cache, after the fact (key-only methods; CS3602's function API in pyramidkv.kvcompress):
+
+    compressed = pyramidkv.compress_cache(past_key_values, "h2o_l2", heavy_hitter_size=64)
 """
 
 import importlib
@@ -28,6 +32,7 @@ _LAZY = {
     "PrefillInputs": "methods",
     "build_method": "methods",
     "canonical_name": "methods",
+    "compress_cache": "kvcompress",
     "list_methods": "methods",
     "register_method": "methods",
     "compress": "patch",
@@ -42,7 +47,12 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
+_SUBMODULES = ("kvcompress",)  # `pyramidkv.kvcompress` works without importing it first
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:  # a submodule (pyramidkv.methods, ...), as the eager imports used to provide
         try:

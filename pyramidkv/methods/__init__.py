@@ -1,4 +1,7 @@
-"""Method registry: names (case-insensitive, KVCache-Factory spellings) -> method classes."""
+"""Method registry: names (case-insensitive, KVCache-Factory spellings) -> method classes.
+
+Parameter aliases: a name that is an existing method under other parameter names (CS3602's
+streaming_llm and recent_only are StreamingLLM) maps its parameters onto that method; no copy."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import dataclasses
 from .base import BUDGET_FIELDS, KVMethod, PrefillInputs
 from .cam import CaM
 from .chunkkv import ChunkKV
+from .cs3602 import CS3602_METHODS
 from .fullkv import FullKV
 from .h2o import H2O
 from .keepkv import KeepKV
@@ -19,9 +23,32 @@ from .streamingllm import StreamingLLM
 
 METHODS: dict[str, type[KVMethod]] = {
     cls.name: cls
-    for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, KeepKV, PyramidInfer, CaM)
+    for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, KeepKV, PyramidInfer, CaM,
+                *CS3602_METHODS)
 }
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
+
+
+def _streaming_llm(start_size: int = 4, recent_size: int = 508, skip_layers=(), **common) -> dict:
+    """CS3602 streaming_llm: start_size sinks + recent_size recent tokens = StreamingLLM with
+    sink_size=start_size and a budget of start_size + recent_size (recency fills all but the sinks, so
+    any window below the budget keeps the same tokens)."""
+    capacity = start_size + recent_size
+    return {"sink_size": start_size, "max_capacity_prompt": capacity, "skip_layers": skip_layers,
+            # the window stays inside the recent part, so all start_size sinks fit in the budget
+            "window_size": max(1, min(8, recent_size, capacity - 1)) if isinstance(capacity, int) else 8, **common}
+
+
+def _recent_only(window_size: int = 512, skip_layers=(0, 1), **common) -> dict:
+    """CS3602 recent_only: the last window_size tokens = StreamingLLM without sinks."""
+    return _streaming_llm(start_size=0, recent_size=window_size, skip_layers=skip_layers, **common)
+
+
+# name -> (method, parameter mapping, the alias's own parameters)
+PARAMETER_ALIASES = {
+    "streaming_llm": ("StreamingLLM", _streaming_llm, ("start_size", "recent_size", "skip_layers")),
+    "recent_only": ("StreamingLLM", _recent_only, ("window_size", "skip_layers")),
+}
 
 
 def register_method(cls: type[KVMethod]) -> type[KVMethod]:
@@ -35,11 +62,12 @@ def canonical_name(name: str) -> str:
 
     The one registry that the library and the runners both use; an unknown name raises a one-line
     ValueError listing the methods and the aliases."""
-    by_lower = {known.lower(): known for known in METHODS}
+    by_lower = {known.lower(): known for known in [*METHODS, *PARAMETER_ALIASES]}
     key = str(name).lower()
     found = by_lower.get(key) or by_lower.get(ALIASES.get(key, "").lower())
     if found is None:
         aliases = ", ".join(f"{alias} ({target})" for alias, target in ALIASES.items())
+        aliases += "".join(f", {alias} ({target}, CS3602 parameters)" for alias, (target, _, _) in PARAMETER_ALIASES.items())
         raise ValueError(f"unknown method {name!r}; valid choices: {', '.join(METHODS)}; aliases: {aliases}")
     return found
 
@@ -57,7 +85,16 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
                 config = {**{field: None for field in BUDGET_FIELDS}, **config}
             return dataclasses.replace(method, **config)
         return method
-    cls = METHODS[canonical_name(method)]
+    name = canonical_name(method)
+    if name in PARAMETER_ALIASES:
+        target, mapping, own = PARAMETER_ALIASES[name]
+        common = [f.name for f in dataclasses.fields(METHODS[target])
+                  if f.name not in (*BUDGET_FIELDS, "window_size", "sink_size", "skip_layers")]
+        unknown = sorted(set(config) - set(own) - set(common))
+        if unknown:
+            raise ValueError(f"unknown config {unknown} for method {name}; valid keys: {', '.join([*own, *common])}")
+        return METHODS[target](**mapping(**config))
+    cls = METHODS[name]
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(config) - set(valid))
     if unknown:

@@ -79,6 +79,8 @@ class KVMethod:
     """
 
     name: ClassVar[str] = "base"
+    # False for key-only methods, which can also compress a finished cache (pyramidkv.compress_cache)
+    needs_queries: ClassVar[bool] = True
     max_capacity_prompt: int | None = None
     window_size: int = 8
     kernel_size: int = 7
@@ -213,6 +215,15 @@ def _row_budgets(budget: int | Sequence[int], x: PrefillInputs) -> list[int]:
     if len(budgets) != rows:
         raise ValueError(f"{len(budgets)} budgets for a batch of {rows} rows; give one int or one per row")
     return [min(b, x.seq_len) for b in budgets]
+
+
+def layer_indices(name: str, value) -> tuple[int, ...]:
+    """Layers named by a count n (the first n) or by indices (CS3602's skip_layers=[0, 1])."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return tuple(range(value))
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return tuple(value)
+    raise ValueError(f"{name}={value!r} is invalid: give layer indices (e.g. [0, 1]) or a count of first layers")
 
 
 def check_finite_number(name: str, value, minimum: float) -> None:

@@ -10,6 +10,7 @@ class FullKV(KVMethod):
     """Keeps the whole prompt. Budget settings are accepted (so sweeps can pass them) but unused."""
 
     name = "FullKV"
+    needs_queries = False  # key-only
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         return [seq_len] * num_layers

@@ -14,6 +14,7 @@ from .base import KVMethod, PrefillInputs
 @dataclass
 class L2Norm(KVMethod):
     name = "L2Norm"
+    needs_queries = False  # key-only
     skip_layers: int = 2
 
     def __post_init__(self):

@@ -5,24 +5,33 @@ Keeps the first `sink_size` tokens (attention sinks) and the most recent ones. W
 (max_capacity_prompt - window) is smaller than sink_size, the FIRST min(sink_size, prefix budget)
 tokens are kept. Positions stay the TRUE positions (the cache keeps each token's original RoPE
 rotation); the paper's variant that re-rotates keys to cache positions is not implemented.
+`skip_layers` (layer indices or a count of first layers; default none) are left whole, as CS3602's
+streaming_llm / recent_only allow (their parameter aliases, see methods/__init__.py).
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .base import KVMethod, PrefillInputs
+from .base import KVMethod, PrefillInputs, layer_indices
 
 
 @dataclass
 class StreamingLLM(KVMethod):
     name = "StreamingLLM"
+    needs_queries = False  # key-only
     sink_size: int = 4
+    skip_layers: int | tuple[int, ...] = ()
 
     def __post_init__(self):
         super().__post_init__()
+        self.skip_layers = layer_indices("skip_layers", self.skip_layers)
         if isinstance(self.sink_size, bool) or not isinstance(self.sink_size, int) or self.sink_size < 0:
             raise ValueError(f"sink_size={self.sink_size!r} is invalid: it must be a non-negative integer")
+
+    def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
+        kept = min(self.capacity(seq_len), seq_len)
+        return [seq_len if layer in self.skip_layers else kept for layer in range(num_layers)]
 
     def score(self, x: PrefillInputs, window: int):
         batch, heads = x.keys.shape[:2]
