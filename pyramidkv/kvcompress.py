@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .cache import CompressedCache
-from .methods import PrefillInputs, build_method
+from .methods import build_method
 
 # CS3602 registry name -> its function name
 FUNCTION_NAMES = {

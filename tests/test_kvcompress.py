@@ -206,3 +206,18 @@ def test_padded_rows_equal_single_runs(name, cfg):
         assert [layer[b] for layer in per_row] == single.past_key_values.kept_tokens()
         for batch_logits, single_logits in zip(batched.logits, single.logits):
             torch.testing.assert_close(batch_logits[b], single_logits[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,cfg", [("l2_compress", {"keep_ratio": 0.5, "prune_after": 64}),
+                                      ("h2o_l2", {"start_size": 4, "heavy_hitter_size": 30, "recent_size": 30}),
+                                      ("adaptive_l2", {}), ("pyramid_kv", {"base_size": 64, "min_size": 64}),
+                                      ("recent_only", {"window_size": 64})])
+def test_budget_not_below_the_prompt_equals_unpatched(name, cfg):
+    model = tiny_model()
+    input_ids = prompt(40)
+    reference = greedy(model, input_ids)
+    with pyramidkv.compress(model, name, **cfg):
+        patched = greedy(model, input_ids)
+    assert torch.equal(patched.sequences, reference.sequences)
+    for ours, theirs in zip(patched.logits, reference.logits):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
