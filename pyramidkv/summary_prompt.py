@@ -10,7 +10,9 @@ from .summarization import DatasetSpec
 def kv_budget(prompt_tokens: int, compress_ratio: float, window_size: int) -> int:
     """Tokens kept per layer and KV head: the ratio removes that fraction of the prompt, but the budget
     keeps at least the observation window plus one token (the methods need budget > window)."""
-    return max(window_size + 1, math.ceil((1.0 - compress_ratio) * prompt_tokens))
+    # 1e-9: (1 - 0.7) * 10 is 3.0000000000000004 in floats, and must keep 3 tokens, not 4 (the library's
+    # KVMethod.capacity rounds the same way)
+    return max(window_size + 1, math.ceil((1.0 - compress_ratio) * prompt_tokens - 1e-9))
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -259,6 +259,7 @@ def test_kv_budget_rule():
     assert summary_prompt.kv_budget(100, 0.4, 8) == 60
     assert summary_prompt.kv_budget(101, 0.4, 8) == 61  # ceil
     assert summary_prompt.kv_budget(20, 0.9, 8) == 9  # never at or below the window
+    assert summary_prompt.kv_budget(100, 0.7, 8) == 30  # (1 - 0.7) * 100 = 30.000000000000004 in floats
 
 
 def test_long_document_is_truncated_to_the_prompt_budget(tiny_ckpt):
