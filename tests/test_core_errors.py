@@ -50,9 +50,11 @@ def test_unsupported_attention_implementation():
 
 
 def test_method_names_are_case_insensitive():
-    assert pyramidkv.list_methods() == ["FullKV", "SnapKV", "PyramidKV", "H2O", "StreamingLLM", "L2Norm"]
-    for name in ("fullkv", "SNAPKV", "PyramidKV", "h2o", "StreamingLLM", "l2norm"):
-        assert pyramidkv.build_method(name).name.lower() == name.lower()
+    listed = pyramidkv.list_methods()
+    assert {"FullKV", "SnapKV", "PyramidKV", "H2O", "StreamingLLM", "L2Norm", "ChunkKV"} <= set(listed)
+    for name in listed:  # every registered method, in any case
+        for spelling in (name, name.lower(), name.upper()):
+            assert pyramidkv.build_method(spelling).name == name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
