@@ -370,3 +370,25 @@ def test_cam_ratio_errors(argv, expected, tmp_path):
     with pytest.raises(CLIError) as err:
         run_summarization.main(["--model_name", "unused", "--output_dir", str(tmp_path / "o"), *argv])
     assert expected in str(err.value)
+
+
+def test_plot_script_table_and_png(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import plot_summarization
+    for method, ratio, rouge_l in (("SnapKV", 0.4, 20.0), ("SnapKV", 0.8, 10.0), ("H2O", 0.4, 25.0)):
+        directory = tmp_path / f"{method}_{ratio}"
+        directory.mkdir()
+        metrics = {"rouge1": 30.0, "rouge2": 5.0, "rougeL": rouge_l}
+        (directory / "summary.json").write_text(json.dumps({
+            "num_samples": 3, "metrics_before": {"rouge1": 40.0, "rouge2": 15.0, "rougeL": 30.0},
+            "metrics_after": metrics, "memory_before_MB": 12.0, "memory_after_MB": 8.0,
+            "config": {"kv_method": method, "compress_ratio": ratio, "model_name": "m"}}))
+    table, png = tmp_path / "t.md", tmp_path / "p.png"
+    plot_summarization.main([str(d) for d in sorted(tmp_path.glob("*_0.*"))] + ["--table", str(table),
+                                                                                "--plot", str(png)])
+    lines = table.read_text().splitlines()
+    assert lines[2] == "| full cache | 0 | 40.00 | 15.00 | 30.00 | |"
+    assert lines[3:] == ["| H2O | 0.4 | 30.00 | 5.00 | 25.00 | 12.00 -> 8.00 |",
+                         "| SnapKV | 0.4 | 30.00 | 5.00 | 20.00 | 12.00 -> 8.00 |",
+                         "| SnapKV | 0.8 | 30.00 | 5.00 | 10.00 | 12.00 -> 8.00 |"]
+    assert png.stat().st_size > 1000
