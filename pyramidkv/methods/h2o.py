@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import KVMethod, PrefillInputs, repeat_kv
+from .base import KVMethod, PrefillInputs
 
 
 @dataclass
@@ -20,20 +20,29 @@ class H2O(KVMethod):
     chunk_elements: int = 1 << 25
 
     def score(self, x: PrefillInputs, window: int):
+        """Column sums of the causal prompt attention, per query head [B, Hq, S - window] (fp32).
+
+        Cost: the prompt's Q.K^T and softmax again (O(S^2 * D) per head), computed per chunk of query
+        rows; a chunk [start, end) only reads the keys before `end` (causal), which halves the work,
+        and GQA groups become extra query rows of one matmul per KV head (no repeated keys)."""
         seq_len = x.seq_len
-        keys = repeat_kv(x.keys, x.num_kv_groups).float()
-        batch, heads = x.query.shape[:2]
+        batch, heads, _, dim = x.query.shape
+        kv_heads, groups = x.keys.shape[1], x.num_kv_groups
+        keys = x.keys.float()
         rows = max(1, self.chunk_elements // (batch * heads * seq_len))
-        k_pos = torch.arange(seq_len, device=keys.device)
         totals = torch.zeros(batch, heads, seq_len, device=keys.device)
+        real = None if x.padding_mask is None else x.padding_mask.bool()
         for start in range(0, seq_len, rows):
-            q = x.query[:, :, start : start + rows].float()
-            logits = torch.matmul(q, keys.transpose(2, 3)) * x.scaling
-            q_pos = torch.arange(start, start + q.shape[2], device=keys.device)
-            visible = (k_pos[None, :] <= q_pos[:, None])[None, None]
-            if x.padding_mask is not None:
-                real = x.padding_mask.bool()
-                visible = visible & real[:, None, None, :] & real[:, None, start : start + q.shape[2], None]
-            probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-            totals += torch.nan_to_num(probs, nan=0.0).sum(dim=2)  # pad query rows are all-masked -> NaN
+            end = min(seq_len, start + rows)
+            q = x.query[:, :, start:end].float().reshape(batch, kv_heads, groups * (end - start), dim)
+            logits = torch.matmul(q, keys[:, :, :end].transpose(2, 3)).view(batch, heads, end - start, end)
+            logits.mul_(x.scaling)
+            hidden = torch.arange(end, device=keys.device)[None, :] > torch.arange(start, end, device=keys.device)[:, None]
+            hidden = hidden[None, None]
+            if real is not None:
+                hidden = hidden | ~real[:, None, None, :end] | ~real[:, None, start:end, None]
+            probs = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
+            if real is not None:
+                probs = torch.nan_to_num_(probs, nan=0.0)  # pad query rows are all-masked -> NaN
+            totals[..., :end] += probs.sum(dim=2)
         return totals[..., : seq_len - window]  # per query head; the base groups them
