@@ -1,10 +1,14 @@
 """Predict LongBench (v1 / LongBench-E) answers with a KV-cache compression method.
 
-    python run_longbench.py --method PyramidKV --max_capacity_prompts 128 --model_path ckpt/...
+    python run_longbench.py --method PyramidKV --max_capacity_prompts 128
+    python run_longbench.py --method FullKV,SnapKV,PyramidKV --max_capacity_prompts 128,512   # one prefill each
 
 Writes {save_dir}/{model_name}_{max_capacity_prompts}/{dataset}/{method}.json (one JSON line per
 sample, appended and flushed; a rerun with the same settings skips finished _ids, one with other
-settings is refused: pyramidkv/results_dir.py) and run_meta.json beside the dataset directories.
+settings is refused: pyramidkv/results_dir.py) and run_meta.json beside the dataset directories. Comma
+lists of methods and budgets write one such directory per budget (FullKV once, under the first budget)
+and prefill each prompt once for all of them (predict.generate_many: the same predictions as one run
+each).
 Everything (flags, method config, model path, data files, save dir, earlier results) is checked before
 the model loads. Score with: python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
 """
@@ -24,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="LongBench predictions with the official protocol (prompts, middle truncation, "
                     "greedy decoding, official max new tokens).")
-    predict.add_common_args(parser, save_dir=DEFAULT_SAVE_DIR)
+    predict.add_common_args(parser, save_dir=DEFAULT_SAVE_DIR, sweep=True)
     g = parser.add_argument_group("LongBench")
     g.add_argument("--datasets", default=None,
                    help="comma list of datasets; default: the 16 English sets (13 with --longbench_e); "
@@ -62,13 +66,27 @@ def build_model_prompt(tokenizer, dataset: str, sample: dict, max_length: int, c
     return prompt, prompt_tokens
 
 
+class Run:
+    """One (method, budget) of a run_longbench invocation: its flags, results directory and settings."""
+
+    def __init__(self, args, resolved, data: str):
+        self.args = args
+        self.config = predict.method_config(args)
+        self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+        self.settings = results_dir.run_settings(args, {"benchmark": "LongBench", "max_length": args.max_length,
+                                                        "data": data})
+        self.out_path = self.done = None  # set per dataset by run_dataset
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.max_num_examples is not None and args.max_num_examples < 1:
         raise predict.CLIError(f"--max_num_examples {args.max_num_examples} must be at least 1")
     if args.max_length is not None and args.max_length <= 1:
         raise predict.CLIError(f"--max_length {args.max_length} is too small; give at least 2 tokens")
-    predict.validate_run_args(args)  # also canonicalizes --method (snapkv -> SnapKV)
+    sweep = predict.expand_sweep(args)  # one namespace per (method, budget), names canonical
+    for one in sweep:
+        predict.validate_run_args(one)
     datasets = lb.parse_datasets(args.datasets, args.longbench_e)
     data_dir, data_source = (None, "hub") if args.from_hub else lb.resolve_data_dir(args.data_dir)
     if data_source == "smoke" and args.longbench_e:
@@ -80,59 +98,76 @@ def main(argv=None) -> None:
               "(self-written text in LongBench format, NOT LongBench: scores are not comparable "
               "to published tables)", file=sys.stderr, flush=True)
     samples = load_samples(args, datasets, data_dir)  # fail on missing/bad data before loading a model
-    out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
-    results_dir.check_writable(args.save_dir, out_dir)
-    settings = results_dir.run_settings(args, {
-        "benchmark": "LongBench", "max_length": args.max_length,
-        "data": "hub" if args.from_hub else os.path.realpath(data_dir)})
-    results_dir.check_settings(out_dir, settings, resolved.fingerprint())
+    runs = [Run(one, resolved, "hub" if args.from_hub else os.path.realpath(data_dir)) for one in sweep]
+    fingerprint = resolved.fingerprint()
+    for run in runs:
+        results_dir.check_writable(args.save_dir, run.out_dir)
+        results_dir.check_settings(run.out_dir, run.settings, fingerprint)
     dir_names = [f"{d}_e" if args.longbench_e else d for d in datasets]
-    with results_dir.locked([os.path.join(out_dir, name, f"{args.method}.json") for name in dir_names]):
+    paths = [os.path.join(run.out_dir, name, f"{run.args.method}.json") for run in runs for name in dir_names]
+    with results_dir.locked(paths):
         predict.set_seed(args.seed)
         model, tokenizer = predict.load_model_and_tokenizer(args)
         max_length, max_length_source = lb.model_max_length(resolved.name, model.config, args.max_length)
-        config = predict.method_config(args)
         chat = predict.uses_chat_template(tokenizer, args.chat_template)
-        predict.write_run_meta(out_dir, args, {
-            "benchmark": "LongBench-E" if args.longbench_e else "LongBench",
-            "data_source": data_source, "data_dir": data_dir, "datasets": datasets,
-            "max_length": max_length, "max_length_source": max_length_source,
-            "chat_template_applied": chat, "dtype": str(model.dtype), "eval_batch_size": args.eval_batch_size,
-            "max_new_tokens": {d: lb.DATASET_TO_MAX_NEW_TOKENS[d] for d in datasets},
-            **lb.protocol_record(),
-        }, settings)
+        meta = {"benchmark": "LongBench-E" if args.longbench_e else "LongBench",
+                "data_source": data_source, "data_dir": data_dir, "datasets": datasets,
+                "max_length": max_length, "max_length_source": max_length_source,
+                "chat_template_applied": chat, "dtype": str(model.dtype), "eval_batch_size": args.eval_batch_size,
+                "max_new_tokens": {d: lb.DATASET_TO_MAX_NEW_TOKENS[d] for d in datasets},
+                **lb.protocol_record()}
         print(f"model max prompt length {max_length} ({max_length_source}); chat template: "
-              f"{'yes' if chat else 'no'}; results -> {out_dir}", file=sys.stderr, flush=True)
+              f"{'yes' if chat else 'no'}", file=sys.stderr, flush=True)
+        for run in runs:
+            predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
+            print(f"LongBench {run.args.method} budget {run.args.max_capacity_prompts}; results -> "
+                  f"{run.out_dir}", file=sys.stderr, flush=True)
 
         from tqdm import tqdm
         for dataset in datasets:
-            run_dataset(args, model, tokenizer, dataset, samples[dataset], out_dir, max_length, config, tqdm)
+            run_dataset(args, runs, model, tokenizer, dataset, samples[dataset], max_length, tqdm)
 
 
-def run_dataset(args, model, tokenizer, dataset, samples, out_dir, max_length, config, tqdm) -> None:
+def run_dataset(args, runs, model, tokenizer, dataset, samples, max_length, tqdm) -> None:
+    """Predict every pending sample of one dataset for each run (one (method, budget) each).
+
+    With several runs a prompt is prefilled once and decoded per run (predict.generate_many gives the
+    same predictions as one generate each); a run that already has a sample is not decoded for it."""
     dir_name = f"{dataset}_e" if args.longbench_e else dataset
-    out_path = os.path.join(out_dir, dir_name, f"{args.method}.json")
-    done = result_files.load_done_ids(out_path)
-    pending, seen = [], set(done)
+    for run in runs:
+        run.out_path = os.path.join(run.out_dir, dir_name, f"{run.args.method}.json")
+        run.done = result_files.load_done_ids(run.out_path)
+    unique, seen = [], set()
     for sample in samples:
         if sample["_id"] not in seen:  # also guards against repeated ids in the data file
             seen.add(sample["_id"])
-            pending.append(sample)
+            unique.append(sample)
+    pending = [s for s in unique if any(s["_id"] not in run.done for run in runs)]
     max_new_tokens = lb.DATASET_TO_MAX_NEW_TOKENS[dataset]
     stop = lb.STOP_STRINGS.get(dataset)
-    progress = tqdm(total=len(done) + len(pending), initial=len(done), desc=dir_name, unit="sample")
+    progress = tqdm(total=len(unique), initial=len(unique) - len(pending), desc=dir_name, unit="sample",
+                    postfix=f"{len(runs)} method x budget" if len(runs) > 1 else None)
     for start in range(0, len(pending), args.eval_batch_size):
         batch = pending[start:start + args.eval_batch_size]
+        active = [run for run in runs if any(s["_id"] not in run.done for s in batch)]
         built = [build_model_prompt(tokenizer, dataset, s, max_length, args.chat_template) for s in batch]
-        preds = predict.generate(model, tokenizer, [p for p, _ in built], max_new_tokens,
-                                 args.method, config, stop_strings=stop)
-        for sample, pred, (_, prompt_tokens) in zip(batch, preds, built):
-            result_files.append_jsonl(out_path, {
-                "pred": pred, "answers": sample["answers"], "all_classes": sample.get("all_classes"),
-                "length": sample["length"], "_id": sample["_id"], "dataset": dir_name,
-                "language": sample.get("language"), "prompt_tokens": prompt_tokens,
-                "truncated": prompt_tokens > max_length,
-            })
+        prompts = [p for p, _ in built]
+        if len(active) == 1:
+            preds = [predict.generate(model, tokenizer, prompts, max_new_tokens, active[0].args.method,
+                                      active[0].config, stop_strings=stop)]
+        else:
+            preds = predict.generate_many(model, tokenizer, prompts, max_new_tokens,
+                                          [(run.args.method, run.config) for run in active], stop_strings=stop)
+        for run, run_preds in zip(active, preds):
+            for sample, pred, (_, prompt_tokens) in zip(batch, run_preds, built):
+                if sample["_id"] in run.done:
+                    continue
+                result_files.append_jsonl(run.out_path, {
+                    "pred": pred, "answers": sample["answers"], "all_classes": sample.get("all_classes"),
+                    "length": sample["length"], "_id": sample["_id"], "dataset": dir_name,
+                    "language": sample.get("language"), "prompt_tokens": prompt_tokens,
+                    "truncated": prompt_tokens > max_length,
+                })
         progress.update(len(batch))
     progress.close()
 

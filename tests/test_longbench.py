@@ -194,3 +194,41 @@ def test_longbench_e_run_and_buckets(checkpoint, tmp_path):
     buckets = json.load(open(os.path.join(results_dir, "results_e.json")))["StreamingLLM"]["hotpotqa"]
     assert set(buckets) == {"0-4k", "4-8k", "8k+"} and buckets["4-8k"] is None
     assert buckets["0-4k"] is not None and buckets["8k+"] is not None
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_sweep_predicts_what_one_run_per_method_and_budget_does(tmp_path):
+    """--method A,B --max_capacity_prompts x,y: one shared prefill per prompt, the same files as separate
+    runs (on the embedded checkpoint, whose answers depend on what is kept; samsum stops at its newline),
+    FullKV once, resumable."""
+    base = ["--model_path", "tiny", "--datasets", "hotpotqa,samsum", "--data_dir", lb.SMOKE_DATA_DIR,
+            "--max_length", "400", "--window_size", "4"]
+    methods, budgets = ["FullKV", "snapkv", "PyramidKV", "StreamingLLM"], ["24", "96"]
+    for method in methods:
+        for budget in budgets:
+            if method == "FullKV" and budget != budgets[0]:
+                continue
+            argv = base + ["--method", method, "--max_capacity_prompts", budget, "--save_dir", str(tmp_path / "one")]
+            assert predict.run_cli(run_longbench.main, argv) == 0
+    # a sweep stopped after the first sample of each dataset resumes where it stopped
+    sweep_argv = base + ["--method", ",".join(methods), "--max_capacity_prompts", ",".join(budgets),
+                         "--save_dir", str(tmp_path / "sweep"), "--eval_batch_size", "2"]
+    assert predict.run_cli(run_longbench.main, sweep_argv + ["--max_num_examples", "1"]) == 0
+    assert predict.run_cli(run_longbench.main, sweep_argv) == 0
+    one, sweep = tmp_path / "one", tmp_path / "sweep"
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*.json") if p.name != "run_meta.json")
+    assert files == sorted(str(p.relative_to(sweep)) for p in sweep.rglob("*.json") if p.name != "run_meta.json")
+    assert len(files) == 2 * 7 and "pyramidkv-tiny-llama_96/samsum/FullKV.json" not in files  # FullKV once
+    preds = set()
+    for name in files:
+        expected = sorted(_lines(one / name), key=lambda r: r["_id"])
+        got = sorted(_lines(sweep / name), key=lambda r: r["_id"])
+        assert len(got) == 2 and got == expected, name
+        preds.add(tuple(r["pred"] for r in got))
+    assert len(preds) > 4  # methods and budgets really answer differently
+    meta = json.loads((sweep / "pyramidkv-tiny-llama_96" / "run_meta.json").read_text())
+    assert set(meta) == {"SnapKV", "PyramidKV", "StreamingLLM"}
