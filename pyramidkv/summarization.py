@@ -296,7 +296,8 @@ def load_hub(spec: DatasetSpec, hub_id: str, split_name: str) -> tuple[list[dict
         if not online:
             return None, f"hub unreachable and no cached copy of {hub_id} ({reason})"
         raise CLIError(f"cannot load {hub_id} (config {spec.hub_config}) split {split_name!r} from the "
-                       f"hub: {reason}") from None
+                       f"hub: {reason}; put the data in a local file (--dataset <file>, or --data_dir) or "
+                       "pass --data_source smoke") from None
     records = table.to_list()
     return records_to_rows(records, f"hub:{hub_id}", "row", spec, None, split_name), (
         "cached copy (offline)" if not online else "hub")
