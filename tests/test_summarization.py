@@ -336,3 +336,28 @@ def test_plot_script_table_and_png(tmp_path):
                          "| SnapKV | 0.4 | 30.00 | 5.00 | 20.00 | 12.00 -> 8.00 |",
                          "| SnapKV | 0.8 | 30.00 | 5.00 | 10.00 | 12.00 -> 8.00 |"]
     assert png.stat().st_size > 1000
+
+
+def test_hub_rows_through_datasets_and_online_failure(tmp_path, monkeypatch):
+    """The hub path without a network: load_dataset stubbed (a cached copy / an online failure)."""
+    import datasets
+    calls = []
+
+    def cached_copy(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"id": ["a", "b", "c"], "article": ["d0", "d1", "d2"],
+                                           "highlights": ["s0", "s1", "s2"]})
+    monkeypatch.setattr(datasets, "load_dataset", cached_copy)
+    samples = summarization.load_samples("cnn_dailymail", "test[1:]", str(tmp_path))
+    assert calls == [("cnn_dailymail", "3.0.0", "test")] and samples.source == "hub"
+    assert [(r["id"], r["document"], r["reference"]) for r in samples.rows] == [("b", "d1", "s1"), ("c", "d2", "s2")]
+    assert "cached copy (offline)" in samples.description
+
+    def broken(name, config, split):
+        raise ValueError("Dataset scripts are no longer supported\nsecond line")
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    monkeypatch.setattr(summarization, "hub_reachable", lambda timeout=3.0: True)
+    with pytest.raises(CLIError) as err:
+        summarization.load_samples("xsum", "test[:2]", str(tmp_path))
+    assert "\n" not in str(err.value) and "cannot load xsum" in str(err.value)
+    assert "Dataset scripts are no longer supported; put the data in a local file" in str(err.value)
