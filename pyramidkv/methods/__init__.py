@@ -29,7 +29,7 @@ METHODS: dict[str, type[KVMethod]] = {
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
 
 
-def _streaming_llm(start_size: int = 4, recent_size: int = 508, skip_layers=(), **common) -> dict:
+def _streaming_llm(start_size: int = 4, recent_size: int = 508, skip_layers=None, **common) -> dict:
     """CS3602 streaming_llm: start_size sinks + recent_size recent tokens = StreamingLLM with
     sink_size=start_size and a budget of start_size + recent_size (recency fills all but the sinks, so
     any window below the budget keeps the same tokens)."""

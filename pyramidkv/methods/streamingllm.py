@@ -21,17 +21,20 @@ class StreamingLLM(KVMethod):
     name = "StreamingLLM"
     needs_queries = False  # key-only
     sink_size: int = 4
-    skip_layers: int | tuple[int, ...] = ()
+    # None = no layer skipped (None, not (), so stored run settings of earlier runs still match)
+    skip_layers: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        self.skip_layers = layer_indices("skip_layers", self.skip_layers)
+        if self.skip_layers is not None:
+            self.skip_layers = layer_indices("skip_layers", self.skip_layers)
         if isinstance(self.sink_size, bool) or not isinstance(self.sink_size, int) or self.sink_size < 0:
             raise ValueError(f"sink_size={self.sink_size!r} is invalid: it must be a non-negative integer")
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         kept = min(self.capacity(seq_len), seq_len)
-        return [seq_len if layer in self.skip_layers else kept for layer in range(num_layers)]
+        skipped = self.skip_layers or ()
+        return [seq_len if layer in skipped else kept for layer in range(num_layers)]
 
     def score(self, x: PrefillInputs, window: int):
         batch, heads = x.keys.shape[:2]
