@@ -33,6 +33,7 @@ class _RecordPrefill(FullKV):
     def __post_init__(self):
         super().__post_init__()
         self.records: list[PrefillInputs] = []
+        object.__setattr__(self, "_logged", True)  # the cache logs kept counts once per method: not for this one
 
     def compress(self, x: PrefillInputs, budget: int):
         self.records.append(x)
@@ -81,7 +82,7 @@ def generate_many(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         if max_new_tokens <= 1 or _ended(first, kwargs, model).all():
             outputs.append(first)
             continue
-        method = build_method(method_name, **config)
+        method = _built(method_name, config)
         with torch.inference_mode(), compress(model, method):
             cache = _cache_from_record(model, method, records, padding)
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
@@ -93,6 +94,16 @@ def generate_many(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             new[ended, 1:] = kwargs.get("pad_token_id", model.generation_config.pad_token_id or 0)
         outputs.append(new)
     return outputs
+
+
+_BUILT: dict = {}  # (method, config) -> built method: one object per configuration, so it logs once
+
+
+def _built(name: str, config: dict) -> KVMethod:
+    key = (name.lower(), tuple(sorted(config.items())))
+    if key not in _BUILT:
+        _BUILT[key] = build_method(name, **config)
+    return _BUILT[key]
 
 
 def _ended(first: torch.Tensor, kwargs: dict, model) -> torch.Tensor:
