@@ -232,3 +232,55 @@ def test_a_sweep_predicts_what_one_run_per_method_and_budget_does(tmp_path):
     assert len(preds) > 4  # methods and budgets really answer differently
     meta = json.loads((sweep / "pyramidkv-tiny-llama_96" / "run_meta.json").read_text())
     assert set(meta) == {"SnapKV", "PyramidKV", "StreamingLLM"}
+
+
+def test_sweep_table_methods_by_budgets_labelled_not_longbench(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "scripts_longBench"))
+    import sweep_table
+
+    runs = {128: {"FullKV": (80.0, 60.0), "SnapKV": (40.0, 20.0)}, 512: {"SnapKV": (70.0, 50.0), "H2O": (10.0, 30.0)}}
+    for budget, methods in runs.items():
+        directory = tmp_path / f"m_{budget}"
+        directory.mkdir()
+        results = {m: {"trec": a, "hotpotqa": b, "average_english": (a + b) / 2, "average": (a + b) / 2}
+                   for m, (a, b) in methods.items()}
+        (directory / "results.json").write_text(json.dumps(results))
+        (directory / "run_meta.json").write_text(json.dumps({m: {"protocol": {"data_source": "smoke"}} for m in methods}))
+    argv = ["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "128,512", "--methods", "FullKV,SnapKV"]
+    assert sweep_table.main(argv) == 0
+    md = (tmp_path / "sweep_m.md").read_text()
+    assert md.startswith("**LongBench protocol on the bundled smoke sample") and "NOT LongBench" in md.splitlines()[0]
+    lines = md.splitlines()
+    assert lines[2:7] == ["| method | budget 128 | budget 512 |", "|---|---|---|", "| FullKV* | 70.00 | 70.00 |",
+                          "| SnapKV | 30.00 | 60.00 |", "| H2O | - | 20.00 |"]
+    per_dataset = lines[lines.index("| method | budget | hotpotqa | trec | average_english | average |"):]
+    assert per_dataset[2:] == ["| FullKV | all | 60.00 | 80.00 | 70.00 | 70.00 |",
+                               "| SnapKV | 128 | 20.00 | 40.00 | 30.00 | 30.00 |",
+                               "| SnapKV | 512 | 50.00 | 70.00 | 60.00 | 60.00 |",
+                               "| H2O | 512 | 30.00 | 10.00 | 20.00 | 20.00 |"]
+    assert (tmp_path / "sweep_m.csv").read_text().splitlines()[:2] == [
+        "method,budget,hotpotqa,trec,average_english,average", "FullKV,all,60.0,80.0,70.0,70.0"]
+    saved = json.loads((tmp_path / "sweep_m.json").read_text())
+    assert saved["average"]["FullKV"] == {"128": 70.0, "512": 70.0} and "NOT LongBench" in saved["title"]
+    for directory in ("m_128", "m_512"):  # real LongBench data: no smoke label
+        (tmp_path / directory / "run_meta.json").write_text(json.dumps({"SnapKV": {"protocol": {"data_source": "LongBench"}}}))
+    assert sweep_table.main(argv) == 0
+    assert (tmp_path / "sweep_m.md").read_text().startswith("**LongBench (data/LongBench)**")
+    capsys.readouterr()
+    assert sweep_table.main(argv[:3] + ["x", "--budgets", "128"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: no results.json under")
+
+
+def test_sweep_script_runs_one_table_from_the_resolved_model_name(tmp_path):
+    """sweep.sh on `tiny`: results in {save}/results_long_bench/pyramidkv-tiny-llama_{budget} (the resolved
+    name, not basename 'tiny'), scored per budget, one table titled NOT LongBench (smoke sample)."""
+    env = dict(os.environ, SAVE_ROOT=str(tmp_path), DATASETS="samsum", METHODS="FullKV SnapKV", BUDGETS="32 64",
+               MAX_NUM_EXAMPLES="1", EXTRA_ARGS="--max_length 300")
+    proc = subprocess.run(["sh", os.path.join(ROOT, "scripts", "scripts_longBench", "sweep.sh"), "tiny"], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    root = tmp_path / "results_long_bench"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["pyramidkv-tiny-llama_32", "pyramidkv-tiny-llama_64"]
+    assert (root / "pyramidkv-tiny-llama_64" / "results.json").exists()
+    md = (root / "sweep_pyramidkv-tiny-llama.md").read_text()
+    assert "NOT LongBench" in md.splitlines()[0] and "| SnapKV | 64 |" in md
