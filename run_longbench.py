@@ -72,7 +72,7 @@ class Run:
     def __init__(self, args, resolved, data: str):
         self.args = args
         self.config = predict.method_config(args)
-        self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+        self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{predict.budget_name(args)}")
         self.settings = results_dir.run_settings(args, {"benchmark": "LongBench", "max_length": args.max_length,
                                                         "data": data})
         self.out_path = self.done = None  # set per dataset by run_dataset
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
               f"{'yes' if chat else 'no'}", file=sys.stderr, flush=True)
         for run in runs:
             predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
-            print(f"LongBench {run.args.method} budget {run.args.max_capacity_prompts}; results -> "
+            print(f"LongBench {run.args.method} budget {predict.budget_name(run.args)}; results -> "
                   f"{run.out_dir}", file=sys.stderr, flush=True)
 
         from tqdm import tqdm

@@ -128,7 +128,7 @@ class Run:
     def __init__(self, args, resolved):
         self.args = args
         self.config = predict.method_config(args)
-        self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{args.max_capacity_prompts}")
+        self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{predict.budget_name(args)}")
         real = (lambda path: os.path.realpath(path) if path else None)
         self.settings = results_dir.run_settings(args, {"benchmark": "RULER", "data_dir": real(args.data_dir),
                                                         "qa_dir": real(args.qa_dir)})
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
                                  for length in lengths for task in tasks}}
         for run in runs:
             predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
-            print(f"RULER {run.args.method} budget {run.args.max_capacity_prompts}; chat template: "
+            print(f"RULER {run.args.method} budget {predict.budget_name(run.args)}; chat template: "
                   f"{'yes' if chat else 'no'}; results -> {run.out_dir}", file=sys.stderr, flush=True)
 
         from tqdm import tqdm

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from . import models
+from . import method_flags, models
 
 REPO_ROOT = models.REPO_ROOT
 DEFAULT_MODEL = models.DEFAULT_MODEL  # short name of the real default model (SmolLM2-135M-Instruct)
@@ -36,6 +36,14 @@ class CLIError(ValueError):
     """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
 
 
+budget_name = method_flags.budget_name  # the budget in results directory names
+
+
+class DefaultBudget(int):
+    """--max_capacity_prompts' default (128): an int that says it was not given, so a ratio budget
+    (--compress_ratio / --keep_ratio) and methods that size their own cache can leave it out."""
+
+
 def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", sweep: bool = False) -> None:
     """Flags shared by every runner (names follow PyramidKV/KVCache-Factory scripts); save_dir is the
     runner's default --save_dir (one per benchmark, so eval.py never sees a mixed tree by default).
@@ -48,30 +56,31 @@ def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", 
              "same predictions as one run each" if sweep else "")
     g.add_argument("--method", default="FullKV",
                    help="compression method (any case; aliases knorm/knormpress = L2Norm, streaming = "
-                        "StreamingLLM): FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, ...; an "
+                        "StreamingLLM): FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, "
+                        "KeepKV, PyramidInfer, CaM, CS3602's l2_compress ... recent_only; an "
                         f"unknown name lists the registered ones{lists} (default: FullKV)")
     g.add_argument("--model_path", default=DEFAULT_MODEL,
                    help="short name (smollm2 = SmolLM2-135M-Instruct from the registry package; tiny = the "
                         "embedded ckpt/pyramidkv-tiny-llama), a checkpoint dir, a .gguf file or an org/name "
                         f"hub id (default: {DEFAULT_MODEL})")
     g.add_argument("--save_dir", default=save_dir,
-                   help=f"root directory for predictions; results go to {{save_dir}}/{{model}}_{{budget}} "
+                   help=f"root directory for predictions; results go to {{save_dir}}/{{model}}_{{budget}}, budget "
+                        f"= tokens (128), compress0.4 / keep0.6 (ratios) or own (CS3602's methods) "
                         f"(default: {save_dir})")
-    g.add_argument("--max_capacity_prompts", type=str if sweep else int, default=128,
-                   help=f"KV entries kept per layer and KV head, window included{lists and ' (comma list)'} "
-                        "(default: 128)")
+    g.add_argument("--max_capacity_prompts", type=str if sweep else int, default=DefaultBudget(128),
+                   help=f"KV entries kept per layer and KV head, window included{lists and ' (comma list)'}; "
+                        "or give --compress_ratio (fraction of each prompt removed) or --keep_ratio (fraction "
+                        "kept) instead (default: 128)")
     g.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
                    help="attention kernel (default: sdpa)")
     g.add_argument("--window_size", type=int, default=8, help="observation window (default: 8)")
     g.add_argument("--kernel_size", type=int, default=7, help="pooling kernel (default: 7)")
     g.add_argument("--pooling", default="maxpool", choices=POOLINGS, help="vote pooling (default: maxpool)")
-    g.add_argument("--beta", type=float, default=None, help="PyramidKV budget ratio (default: the method's, 20)")
-    g.add_argument("--sink_size", type=int, default=None, help="StreamingLLM sink tokens (default: the method's, 4)")
-    g.add_argument("--skip_layers", type=int, default=None,
-                   help="L2Norm: first layers left uncompressed (default: the method's, 2)")
     g.add_argument("--gqa_selection", default=None, choices=GQA_SELECTIONS,
                    help="kv_head: one selection per KV head (scores averaged over its query heads); "
                         "query_head: per query head, as KVCache-Factory (default: the method's, kv_head)")
+    method_flags.add_method_flags(parser.add_argument_group(
+        "method parameters (from the method dataclasses; a method refuses the ones it does not have)"))
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32 (default: auto)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available (default: auto)")
     g.add_argument("--seed", type=int, default=42, help="random seed (RULER: also of the samples) (default: 42)")
@@ -97,9 +106,10 @@ def expand_sweep(args) -> list[argparse.Namespace]:
     canonicalized; FullKV keeps everything, so it runs once (under the first budget)."""
     methods = [m.strip() for m in str(args.method).split(",") if m.strip()]
     budgets = []
+    default = isinstance(args.max_capacity_prompts, DefaultBudget)
     for text in str(args.max_capacity_prompts).split(","):
         try:
-            budgets.append(int(text))
+            budgets.append(DefaultBudget(text) if default else int(text))
         except ValueError:
             raise CLIError(f"--max_capacity_prompts {args.max_capacity_prompts!r}: {text!r} is not an integer; "
                            "give tokens per layer and KV head, e.g. 128 or 64,128,256") from None
@@ -142,17 +152,23 @@ def validate_run_args(args) -> None:
 
 
 def method_config(args) -> dict:
-    """Keyword arguments for pyramidkv.compress built from the common flags."""
-    config = {
-        "max_capacity_prompt": args.max_capacity_prompts,
-        "window_size": args.window_size,
-        "kernel_size": args.kernel_size,
-        "pooling": args.pooling,
-    }
-    for optional in ("beta", "sink_size", "skip_layers", "gqa_selection"):
-        value = getattr(args, optional, None)
-        if value is not None:
-            config[optional] = value
+    """Keyword arguments for pyramidkv.compress built from the common flags and the method flags given.
+
+    Budget: max_capacity_prompt, unless --compress_ratio / --keep_ratio is given (then the tokens flag
+    only if given too, which the method refuses as two budgets). A method that sizes its cache with its
+    own parameters (CS3602's, streaming_llm, recent_only) gets the window, pooling and budget flags only
+    when they were given."""
+    config = {"window_size": args.window_size, "kernel_size": args.kernel_size, "pooling": args.pooling}
+    given = method_flags.given_method_values(args)
+    given.update({k: getattr(args, k) for k in ("gqa_selection",) if getattr(args, k, None) is not None})
+    budget_given = not isinstance(args.max_capacity_prompts, DefaultBudget)
+    if budget_given or not any(k in given for k in ("compress_ratio", "keep_ratio")):
+        config = {"max_capacity_prompt": int(args.max_capacity_prompts), **config}
+    if method_flags.sizes_own_cache(args.method):
+        defaults = {"max_capacity_prompt": None if budget_given else int(args.max_capacity_prompts),
+                    "window_size": 8, "kernel_size": 7, "pooling": "maxpool"}
+        config = {k: v for k, v in config.items() if defaults.get(k) != v}
+    config.update(given)
     return config
 
 

@@ -81,6 +81,8 @@ class KVMethod:
     name: ClassVar[str] = "base"
     # False for key-only methods, which can also compress a finished cache (pyramidkv.compress_cache)
     needs_queries: ClassVar[bool] = True
+    # True for methods sized by their own parameters (CS3602's), not by a budget or ratio
+    sizes_own_cache: ClassVar[bool] = False
     max_capacity_prompt: int | None = None
     window_size: int = 8
     kernel_size: int = 7

@@ -60,6 +60,7 @@ class KeyNormLayout(KVMethod):
 
     name: ClassVar[str] = "key_norm_layout"
     needs_queries: ClassVar[bool] = False
+    sizes_own_cache: ClassVar[bool] = True
     skip_layers: int | Sequence[int] = ()
 
     def _check_budget(self) -> None:

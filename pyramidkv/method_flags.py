@@ -1,0 +1,127 @@
+"""Runner flags for every method parameter, generated from the method dataclasses' fields.
+
+The fields are read from the source of pyramidkv/methods/*.py (its syntax tree) instead of by importing
+the methods, which import torch: a runner's `--help` stays fast, and a method registered in that
+package gets its flags without anyone listing them. The flags that predict.add_common_args writes by
+hand (the budget in tokens, the window, pooling, gqa_selection) are left out; a field named like a
+runner flag gets a prefix (a method's `seed` is --method_seed, the runner's --seed seeds the samples).
+Every generated flag defaults to None = the method's own default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import os
+from dataclasses import dataclass
+
+METHODS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
+HAND_WRITTEN = ("max_capacity_prompt", "window_size", "kernel_size", "pooling", "gqa_selection")
+RENAMED = {"seed": "method_seed"}  # field -> flag where the runner already has the field's name
+
+
+@dataclass
+class MethodField:
+    name: str
+    annotation: str  # as written, e.g. "float | None"
+    owners: list  # (class name, default as written)
+
+    @property
+    def flag(self) -> str:
+        return RENAMED.get(self.name, self.name)
+
+    def parser(self):
+        if any(word in self.annotation for word in ("Sequence", "tuple", "list")):
+            return _int_or_list
+        for text, kind in (("bool", _boolean), ("float", float), ("int", int)):
+            if text in self.annotation:
+                return kind
+        return str
+
+
+def _int_or_list(text: str):
+    """'2' -> 2 (a count), '0,1' -> [0, 1] (indices), '' -> []."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma list of integers") from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; valid: true, false")
+
+
+@functools.lru_cache(maxsize=1)
+def method_fields() -> tuple[MethodField, ...]:
+    """Every dataclass field of the method classes (ClassVars excluded), merged by name."""
+    merged: dict[str, MethodField] = {}
+    for file in sorted(os.listdir(METHODS_DIR)):
+        if not file.endswith(".py"):
+            continue
+        with open(os.path.join(METHODS_DIR, file), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef) or not any(
+                    "dataclass" in ast.unparse(decorator) for decorator in node.decorator_list):
+                continue
+            for item in node.body:
+                if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+                    continue
+                annotation = ast.unparse(item.annotation)
+                if "ClassVar" in annotation:
+                    continue
+                default = ast.unparse(item.value) if item.value is not None else "required"
+                field = merged.setdefault(item.target.id, MethodField(item.target.id, annotation, []))
+                if annotation != field.annotation:
+                    field.annotation += f" | {annotation}"
+                field.owners.append((node.name, default))
+    return tuple(merged[name] for name in sorted(merged) if name not in HAND_WRITTEN)
+
+
+def add_method_flags(group) -> None:
+    """One --flag per method field (default None: the method's own default)."""
+    for field in method_fields():
+        owners = ", ".join(f"{cls} {default}" for cls, default in field.owners)
+        group.add_argument(f"--{field.flag}", dest=field.flag, type=field.parser(), default=None,
+                           help=f"method parameter {field.name} ({field.annotation}); defaults: {owners}")
+
+
+def given_method_values(args) -> dict:
+    """{field: value} of the generated flags that were given."""
+    values = {}
+    for field in method_fields():
+        value = getattr(args, field.flag, None)
+        if value is not None:
+            values[field.name] = value
+    return values
+
+
+def sizes_own_cache(method: str) -> bool:
+    """True for a method sized by its own parameters (CS3602's, streaming_llm, recent_only)."""
+    import pyramidkv
+    from pyramidkv.methods import PARAMETER_ALIASES
+    try:
+        name = pyramidkv.canonical_name(method)
+    except ValueError:
+        return False
+    return name in PARAMETER_ALIASES or getattr(pyramidkv.METHODS[name], "sizes_own_cache", False)
+
+
+def budget_name(args) -> str:
+    """The budget in a results directory name ({save_dir}/{model}_{budget}): tokens ("128", as before),
+    "compress0.4" / "keep0.6" for a ratio, "own" for a method that sizes its cache itself (its size
+    parameters are in the stored settings)."""
+    if sizes_own_cache(args.method):
+        return "own"
+    for flag, word in (("compress_ratio", "compress"), ("keep_ratio", "keep")):
+        if getattr(args, flag, None) is not None:
+            return f"{word}{getattr(args, flag):g}"
+    return str(args.max_capacity_prompts)

@@ -1,0 +1,85 @@
+"""Runner flags for method parameters come from the method dataclasses; ratio budgets reach the runners
+and name their results directories (issue 18)."""
+import argparse
+import dataclasses
+import os
+
+import pytest
+
+import pyramidkv
+import run_ruler
+from pyramidkv import method_flags, predict
+from tiny_checkpoint import build_tiny_checkpoint, one_torch_thread
+
+_single_thread = pytest.fixture(autouse=True)(one_torch_thread)
+
+
+def parse(argv, sweep=False):
+    parser = argparse.ArgumentParser()
+    predict.add_common_args(parser, sweep=sweep)
+    return parser.parse_args(argv)
+
+
+def config(argv):
+    args = parse(argv)
+    predict.validate_method_args(args)
+    return predict.method_config(args), predict.budget_name(args)
+
+
+def test_every_field_of_every_registered_method_has_a_flag():
+    flags = {field.name for field in method_flags.method_fields()} | set(method_flags.HAND_WRITTEN)
+    for cls in pyramidkv.METHODS.values():
+        missing = {f.name for f in dataclasses.fields(cls)} - flags
+        assert not missing, f"{cls.__name__}: no runner flag for {sorted(missing)}"
+    parser = argparse.ArgumentParser()
+    predict.add_common_args(parser)
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    assert {"--beta", "--sink_size", "--skip_layers", "--sim_threshold", "--calibration", "--merge_window",
+            "--method_seed", "--compress_ratio", "--keep_ratio", "--heavy_hitter_size", "--fix_kv_size"} <= options
+
+
+def test_method_parameters_reach_the_method():
+    assert config(["--method", "PyramidKV", "--beta", "10"])[0]["beta"] == 10
+    assert config(["--method", "StreamingLLM", "--sink_size", "2"])[0]["sink_size"] == 2
+    assert config(["--method", "L2Norm", "--skip_layers", "1"])[0]["skip_layers"] == 1
+    simcal, name = config(["--method", "simcalkv", "--compress_ratio", "0.4", "--sim_threshold", "0.8",
+                           "--calibration", "released"])
+    assert simcal == {"window_size": 8, "kernel_size": 7, "pooling": "maxpool", "compress_ratio": 0.4,
+                      "sim_threshold": 0.8, "calibration": "released"} and name == "compress0.4"
+    assert config(["--method", "CaM", "--method_seed", "3", "--merge_window", "4"])[0]["seed"] == 3
+    assert config(["--method", "ChunkKV", "--shared_heads", "false"])[0]["shared_heads"] is False
+    with pytest.raises(predict.CLIError, match="sim_threshold=1.5"):
+        config(["--method", "simcalkv", "--sim_threshold", "1.5"])
+    with pytest.raises(predict.CLIError, match="unknown config"):
+        config(["--method", "SnapKV", "--sim_threshold", "0.5"])  # a method refuses what it does not have
+
+
+def test_ratio_budgets_and_directory_names():
+    assert config([])[1] == "128" and config(["--max_capacity_prompts", "64"])[1] == "64"  # unchanged
+    assert config(["--method", "SnapKV", "--keep_ratio", "0.25"]) == (
+        {"window_size": 8, "kernel_size": 7, "pooling": "maxpool", "keep_ratio": 0.25}, "keep0.25")
+    with pytest.raises(predict.CLIError, match="give one budget only"):
+        config(["--method", "SnapKV", "--keep_ratio", "0.25", "--max_capacity_prompts", "64"])
+    with pytest.raises(predict.CLIError, match="between 0 and 1"):
+        config(["--method", "SnapKV", "--compress_ratio", "1.2"])
+    # CS3602 methods size their own cache: no window or budget flags unless given, one directory name
+    assert config(["--method", "h2o_l2", "--heavy_hitter_size", "32"]) == ({"heavy_hitter_size": 32}, "own")
+    assert config(["--method", "recent_only", "--window_size", "64"]) == ({"window_size": 64}, "own")
+    with pytest.raises(predict.CLIError, match="max_capacity_prompt=64 is not used by h2o_l2"):
+        config(["--method", "h2o_l2", "--max_capacity_prompts", "64"])
+
+
+def test_sweep_keeps_the_budget_default_marker():
+    args = parse(["--method", "SnapKV,H2O", "--compress_ratio", "0.5"], sweep=True)
+    runs = predict.expand_sweep(args)
+    assert [predict.budget_name(run) for run in runs] == ["compress0.5", "compress0.5"]
+    assert all("max_capacity_prompt" not in predict.method_config(run) for run in runs)
+
+
+def test_run_ruler_with_a_ratio_writes_its_own_directory(tmp_path, monkeypatch):
+    checkpoint = build_tiny_checkpoint(str(tmp_path / "ckpt" / "tiny-llama"))
+    monkeypatch.setattr(predict, "generate", lambda model, tok, prompts, *a, **k: ["x"] * len(prompts))
+    argv = ["--method", "SimCalKV", "--compress_ratio", "0.4", "--model_path", checkpoint, "--save_dir",
+            str(tmp_path), "--context_lengths", "1024", "--tasks", "niah_single_1", "--num_samples", "1"]
+    assert predict.run_cli(run_ruler.main, argv) == 0
+    assert os.path.isdir(tmp_path / "tiny-llama_compress0.4" / "1024" / "niah_single_1")
