@@ -9,11 +9,12 @@
 #   = 1 - (BUDGET + 0.5) / context)  NEW_TOKENS [64]  REPEATS [3]  WARMUP [1]  THREADS [2]
 #   WINDOW [64] KERNEL [5] (SnapKV, kvpress's defaults on both sides)
 #   KVPRESS_VENV [~/.cache/pyramidkv/kvpress-venv]  KVPRESS_VERSION [0.5.5]
-#   OUT [benchmarks/kvpress_comparison] -> OUT.json, OUT.md   NOTE [""] stored with the results
+#   OUT [bench_out/kvpress_comparison_<UTC time>] -> OUT.json, OUT.md (the committed
+#   benchmarks/kvpress_comparison is written only when OUT names it)   NOTE [""] stored with the results
 #   PYTHON [python3] the interpreter that has pyramidkv's requirements
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +29,8 @@ WARMUP=${WARMUP:-1}
 THREADS=${THREADS:-2}
 WINDOW=${WINDOW:-64}
 KERNEL=${KERNEL:-5}
-OUT=${OUT:-$REPO/benchmarks/kvpress_comparison}
+OUT=${OUT:-$REPO/bench_out/kvpress_comparison_$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$(dirname "$OUT")"
 NOTE=${NOTE:-}
 cd "$REPO"
 
