@@ -74,3 +74,21 @@ def test_query_head_storage_carries_the_bias_per_query_head(attn):
     for b, single in enumerate(singles):
         for batch_logits, single_logits in zip(batched.logits, single.logits):
             torch.testing.assert_close(batch_logits[b], single_logits[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_shared_prefill_equals_one_generate_each_for_the_merging_methods(batch):
+    from pyramidkv.shared_prefill import generate_many
+
+    model = tiny_model()
+    rows = [prompt(length, seed=length) for length in (50, 31)][:batch]
+    ids, mask = left_padded(rows)
+    configs = [("SimCalKV", {"compress_ratio": 0.5, "window_size": 4}),
+               ("SimCalKV", {"compress_ratio": 0.5, "window_size": 4, "calibration": "released"}),
+               ("KeepKV", {"keep_ratio": 0.4, "window_size": 4}), ("CaM", {"max_capacity_prompt": 16, "window_size": 4}),
+               ("PyramidInfer", {"compress_ratio": 0.3, "window_size": 4})]
+    shared = generate_many(model, ids, mask, 6, configs, {"pad_token_id": 0})
+    for (method, config), tokens in zip(configs, shared):
+        with pyramidkv.compress(model, method, **config):
+            expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(tokens, expected[:, ids.shape[1]:]), (method, config)
