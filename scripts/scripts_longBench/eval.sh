@@ -1,20 +1,26 @@
 #!/bin/sh
 # LongBench prediction + scoring (PyramidKV-style positional arguments).
-#   sh scripts/scripts_longBench/eval.sh CUDA_DEVICES METHOD [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL_PATH]
-#   $1 CUDA_VISIBLE_DEVICES (e.g. 0)         $2 method: FullKV SnapKV PyramidKV H2O StreamingLLM L2Norm
+#   sh scripts/scripts_longBench/eval.sh CUDA_DEVICES METHOD [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL]
+#   $1 CUDA_VISIBLE_DEVICES (e.g. 0)         $2 method: FullKV SnapKV PyramidKV H2O StreamingLLM L2Norm ChunkKV ...
 #   $3 max_capacity_prompts (default 128)    $4 attn_implementation (default flash_attention_2 if
 #   $5 save root (default ./; results go       flash-attn is importable, else sdpa)
-#      to $5/results_long_bench)             $6 model_path (default: the embedded ckpt/pyramidkv-tiny-llama)
+#      to $5/results_long_bench/{model name}_{capacity})
+#   $6 model (default smollm2 = SmolLM2-135M-Instruct, the runners' default; tiny = the embedded
+#      ckpt/pyramidkv-tiny-llama; or a checkpoint dir, a .gguf file, an org/name hub id)
 # Extra run_longbench.py flags can be passed through the environment: EXTRA_ARGS="--datasets qasper".
-# NUM_THREADS (default 1) sets torch's CPU threads: one thread is fastest for the tiny embedded model;
-# raise it for a large model on CPU (it does not matter on GPU).
-# Without data/LongBench it runs on the bundled smoke sample data/longbench_smoke (NOT LongBench).
+# NUM_THREADS sets torch's CPU threads (default 1 for tiny, where one thread is fastest; torch's own
+# choice otherwise; it does not matter on GPU).
+# Without data/LongBench it runs on the bundled smoke sample data/longbench_smoke (NOT LongBench) and
+# its 16 English sets (29 samples; pass EXTRA_ARGS="--datasets all" for all 21): under a minute with
+# tiny; with smollm2 a QA sample (~600 prompt tokens) took ~35 s on a loaded, shared 2-core CPU and the
+# three summary sets generate up to 512 tokens, so expect roughly 20-40 minutes on CPU.
+# Several methods and budgets in one run (one prefill per prompt): scripts/scripts_longBench/sweep.sh.
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 
 if [ -z "$2" ]; then
-    echo "usage: sh scripts/scripts_longBench/eval.sh CUDA_DEVICES METHOD [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL_PATH]" >&2
+    echo "usage: sh scripts/scripts_longBench/eval.sh CUDA_DEVICES METHOD [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL]" >&2
     exit 2
 fi
 export CUDA_VISIBLE_DEVICES=$1
@@ -28,22 +34,32 @@ else
     attn_implementation=sdpa
 fi
 source_path=${5:-./}
-model_path=${6:-$ROOT/ckpt/pyramidkv-tiny-llama}
-if [ -z "$6" ] && [ ! -f "$model_path/config.json" ]; then
-    echo "error: the embedded checkpoint is missing at $model_path (train it with scripts/train_tiny_model.py) or pass a model path as \$6" >&2
-    exit 2
+model_path=${6:-smollm2}
+if [ "$model_path" = "tiny" ]; then
+    num_threads=${NUM_THREADS:-1}
+else
+    num_threads=${NUM_THREADS:-}
 fi
+threads_flag=""
+[ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 save_dir=${source_path%/}/results_long_bench
-results_dir=$save_dir/$(basename "$model_path")_$max_capacity_prompts
+# the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
+# run_longbench.py names it; a one-line error for a model that resolves to nothing
+model_name=$("$PYTHON" -c "import sys
+from pyramidkv.models import resolve_model
+try:
+    print(resolve_model(sys.argv[1]).name)
+except ValueError as err:
+    sys.exit(f'error: {err}')" "$model_path") || exit 2
+results_dir=$save_dir/${model_name}_$max_capacity_prompts
 
-# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags on purpose
+# shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_longbench.py" \
     --method "$method" \
     --model_path "$model_path" \
     --max_capacity_prompts "$max_capacity_prompts" \
     --attn_implementation "$attn_implementation" \
     --save_dir "$save_dir" \
-    --num_threads "${NUM_THREADS:-1}" \
-    $EXTRA_ARGS
+    $threads_flag $EXTRA_ARGS
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"

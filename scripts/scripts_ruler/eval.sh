@@ -1,17 +1,21 @@
 #!/bin/sh
 # RULER prediction + scoring (PyramidKV-style positional arguments, all optional).
-#   sh scripts/scripts_ruler/eval.sh [CUDA_DEVICES] [METHOD] [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL_PATH]
+#   sh scripts/scripts_ruler/eval.sh [CUDA_DEVICES] [METHOD] [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL]
 #   $1 CUDA_VISIBLE_DEVICES (default 0)        $2 method (default PyramidKV): FullKV SnapKV PyramidKV
-#   $3 max_capacity_prompts (default 128)         H2O StreamingLLM L2Norm
+#   $3 max_capacity_prompts (default 128)         H2O StreamingLLM L2Norm ChunkKV ...
 #   $4 attn_implementation (default flash_attention_2 if flash-attn is importable, else sdpa)
-#   $5 save root (default ./; results go to $5/results_ruler)
-#   $6 model_path (default: the embedded ckpt/pyramidkv-tiny-llama)
+#   $5 save root (default ./; results go to $5/results_ruler/{model name}_{capacity})
+#   $6 model (default smollm2 = SmolLM2-135M-Instruct, the runners' default; tiny = the embedded
+#      ckpt/pyramidkv-tiny-llama; or a checkpoint dir, a .gguf file, an org/name hub id)
 # Environment overrides: CONTEXT_LENGTHS (comma list), NUM_SAMPLES, TASKS (comma list), EXTRA_ARGS,
-# NUM_THREADS (torch CPU threads; default 1 for the tiny embedded model, where one thread decodes
-# fastest, torch's own default for a model passed as $6).
-# Defaults: with the embedded tiny checkpoint (trained on ~1k-token needle tasks) 1024 tokens and 20
-# samples per task (1-2 minutes on a 2-core CPU); with a model passed as $6 RULER's 4096 tokens and
-# 100 samples.
+# NUM_THREADS (torch CPU threads; default 1 for tiny, where one thread decodes fastest, torch's own
+# default otherwise).
+# Defaults per model:
+#   smollm2 (and any other model): RULER's shortest official length 4096 tokens, RULER's 11 offline
+#     tasks, 10 samples each (110 prompts). On a shared 2-core CPU one prompt took 40 s (niah) to
+#     100 s (cwe, whose answer is longest), so expect about 1-1.5 hours; minutes on a GPU. A quick
+#     look: TASKS=niah_single_1 NUM_SAMPLES=5 (~3-4 min). Larger runs: scripts/scripts_ruler/sweep.sh.
+#   tiny (trained on ~1k-token needle tasks): 1024 tokens, 20 samples per task, 1-2 minutes on 2 cores.
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -27,26 +31,29 @@ else
     attn_implementation=sdpa
 fi
 source_path=${5:-./}
-if [ -n "$6" ]; then
-    model_path=$6
-    context_lengths=${CONTEXT_LENGTHS:-4096}
-    num_samples=${NUM_SAMPLES:-100}
-    num_threads=${NUM_THREADS:-}
-else
-    model_path=$ROOT/ckpt/pyramidkv-tiny-llama
-    if [ ! -f "$model_path/config.json" ]; then
-        echo "error: the embedded checkpoint is missing at $model_path (train it with scripts/train_tiny_model.py) or pass a model path as \$6" >&2
-        exit 2
-    fi
+model_path=${6:-smollm2}
+if [ "$model_path" = "tiny" ]; then
     context_lengths=${CONTEXT_LENGTHS:-1024}
     num_samples=${NUM_SAMPLES:-20}
     num_threads=${NUM_THREADS:-1}
+else
+    context_lengths=${CONTEXT_LENGTHS:-4096}
+    num_samples=${NUM_SAMPLES:-10}
+    num_threads=${NUM_THREADS:-}
 fi
 threads_flag=""
 [ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 tasks=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 save_dir=${source_path%/}/results_ruler
-results_dir=$save_dir/$(basename "$model_path")_$max_capacity_prompts
+# the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
+# run_ruler.py names it; a one-line error for a model that resolves to nothing
+model_name=$("$PYTHON" -c "import sys
+from pyramidkv.models import resolve_model
+try:
+    print(resolve_model(sys.argv[1]).name)
+except ValueError as err:
+    sys.exit(f'error: {err}')" "$model_path") || exit 2
+results_dir=$save_dir/${model_name}_$max_capacity_prompts
 
 # shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_ruler.py" \

@@ -1,0 +1,38 @@
+"""The PyramidKV-style shell entry points name results directories as the runners do (after the
+resolved model: `tiny` -> pyramidkv-tiny-llama, smollm2 -> SmolLM2-135M-Instruct), so their final
+eval.py call scores what was just predicted."""
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sh(script, args, tmp_path, **env):
+    proc = subprocess.run(["sh", os.path.join(ROOT, "scripts", script), *args], cwd=str(tmp_path),
+                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+    return proc
+
+
+def test_longbench_eval_sh_scores_the_tiny_short_name(tmp_path):
+    proc = _sh("scripts_longBench/eval.sh", ["0", "SnapKV", "32", "sdpa", str(tmp_path), "tiny"], tmp_path,
+               EXTRA_ARGS="--datasets samsum --max_num_examples 1 --max_length 300")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results_long_bench" / "pyramidkv-tiny-llama_32" / "results.json").read_text())
+    assert set(results) == {"SnapKV"} and "samsum" in results["SnapKV"]
+
+
+def test_ruler_eval_sh_scores_the_tiny_short_name(tmp_path):
+    proc = _sh("scripts_ruler/eval.sh", ["0", "StreamingLLM", "48", "sdpa", str(tmp_path), "tiny"], tmp_path,
+               TASKS="niah_single_1", NUM_SAMPLES="1", CONTEXT_LENGTHS="512")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results_ruler" / "pyramidkv-tiny-llama_48" / "results.json").read_text())
+    assert list(results["StreamingLLM"]) == ["512"]
+
+
+def test_unknown_model_is_one_line_error(tmp_path):
+    for script, args in (("scripts_ruler/eval.sh", ["0", "SnapKV", "64", "sdpa", str(tmp_path), "nosuch"]),
+                         ("scripts_longBench/eval.sh", ["0", "SnapKV", "64", "sdpa", str(tmp_path), "nosuch"])):
+        proc = _sh(script, args, tmp_path)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().startswith("error: model 'nosuch' not found") and "\n" not in proc.stderr.strip()
