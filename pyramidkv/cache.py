@@ -208,6 +208,12 @@ class CompressedCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if ACTIVE_CACHE.get() is not self:
+            if self.layers[layer_idx].get_seq_length() > 0:
+                raise ValueError(
+                    "this CompressedCache already holds compressed layers (e.g. from pyramidkv.compress_cache), "
+                    "whose per-layer lengths and slot terms only pyramidkv's attention hook applies; decode "
+                    "inside pyramidkv.compress(model, 'fullkv') or after pyramidkv.replace(...)"
+                )
             raise ValueError(
                 "a CompressedCache was passed to a model that pyramidkv has not patched, so nothing would be "
                 "compressed; run it inside pyramidkv.compress(model, ...) or after pyramidkv.replace(...)"

@@ -221,3 +221,11 @@ def test_budget_not_below_the_prompt_equals_unpatched(name, cfg):
     assert torch.equal(patched.sequences, reference.sequences)
     for ours, theirs in zip(patched.logits, reference.logits):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_compressed_finished_cache_on_an_unpatched_model_says_how_to_decode():
+    model = tiny_model()
+    cache = kvcompress.h2o_l2_compress(model(prompt(40), use_cache=True).past_key_values, start_size=2,
+                                       heavy_hitter_size=4, recent_size=8)
+    one_line_error(lambda: model(prompt(1, seed=3), past_key_values=cache), "compress_cache",
+                   "pyramidkv.compress(model, 'fullkv')")
