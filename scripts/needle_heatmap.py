@@ -33,13 +33,13 @@ class HeatmapError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Sample command lines are in the module docstring.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results_dirs", nargs="+",
                         help="run_ruler.py results dirs ({save_dir}/{model}_{budget}) holding {length}/{task}/")
     parser.add_argument("--task", default="niah_single_2", help="RULER task to plot (default: niah_single_2)")
     parser.add_argument("--methods", default=None,
-                        help="comma list of methods, in panel order (default: every {Method}.json found, sorted)")
+                        help="comma list of methods, in panel order (default: every {Method}.json found, FullKV first, "
+                             "the rest sorted)")
     parser.add_argument("--depth_bins", type=int, default=10, help="rows of the heatmap (default: 10)")
     parser.add_argument("--out_dir", default=None, help="where PNGs and the .md go (default: the first results dir)")
     return parser
@@ -108,7 +108,7 @@ def collect(results_dirs: list[str], task: str, methods: list[str] | None) -> di
                                f"found: {', '.join(sorted(found)) or 'none'}")
     if not found:
         raise HeatmapError(f"no {{Method}}.json files for task {task} under {', '.join(results_dirs)}")
-    order = {m: i for i, m in enumerate(methods or [])}
+    order = {m: i for i, m in enumerate(methods or ["FullKV"])}  # default: FullKV first, the rest sorted
     return {k: found[k] for k in sorted(found, key=lambda k: (order.get(k.split(" ")[0], len(order)), k))}
 
 
