@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack heatmaps (the figure of the SnapKV and PyramidKV papers) from run_ruler.py output.
+r"""Needle-in-a-haystack heatmaps (the figure of the SnapKV and PyramidKV papers) from run_ruler.py output.
 
     python run_ruler.py --method FullKV,SnapKV,PyramidKV,StreamingLLM --max_capacity_prompts 128 \
         --tasks niah_single_2 --num_samples 40 --context_lengths 1024,2048,4096,8192
