@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import PrefillInputs, gather_tokens
+from .base import PrefillInputs, _row_budgets, gather_tokens
 
 
 @dataclass
@@ -138,8 +138,6 @@ def match_evicted(method, x: PrefillInputs, budget, sim_threshold: float, chunk_
     """Select with accumulated-attention scores (H2O's column sums, `method.score`), then match every
     evicted key to its most cosine-similar kept key of the same stored head. Returns (keys, values) to
     store unchanged when nothing is evicted, else Matches."""
-    from .base import _row_budgets
-
     keys, values = method.stored_states(x)
     full_scores = method.score(x, 0)  # column sums over every prompt query, all S tokens
     keep = method.select(x, budget, full_scores=full_scores)
