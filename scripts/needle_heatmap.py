@@ -81,6 +81,7 @@ def sample_score(pred: str, outputs: list[str]) -> float:
 def collect(results_dirs: list[str], task: str, methods: list[str] | None) -> dict:
     """{label: {length: [(depth, score), ...]}} for every method found (or asked for)."""
     found: dict = {}
+    indices: dict = {}  # (label, length) -> sample indices already counted
     for results_dir in results_dirs:
         if not os.path.isdir(results_dir):
             raise HeatmapError(f"results dir {results_dir} does not exist")
@@ -99,9 +100,13 @@ def collect(results_dirs: list[str], task: str, methods: list[str] | None) -> di
                 if not name.endswith(".json") or (methods and method not in methods):
                     continue
                 label = method if tag is None or method == "FullKV" else f"{method} {tag}"
-                scored = [(s["depth"], sample_score(s["pred"], s["outputs"]))
-                          for s in read_samples(os.path.join(task_dir, name)) if s["depth"] is not None]
-                found.setdefault(label, {}).setdefault(length, []).extend(scored)
+                # FullKV (budget-free) may sit in several dirs: each sample index counts once
+                seen = indices.setdefault((label, length), set())
+                fresh = [s for s in read_samples(os.path.join(task_dir, name))
+                         if s["depth"] is not None and s.get("index", id(s)) not in seen]
+                seen.update(s.get("index", id(s)) for s in fresh)
+                found.setdefault(label, {}).setdefault(length, []).extend(
+                    (s["depth"], sample_score(s["pred"], s["outputs"])) for s in fresh)
     for method in methods or []:
         if not any(label.split(" ")[0] == method for label in found):
             raise HeatmapError(f"no {method}.json under {', '.join(results_dirs)} for task {task}; "

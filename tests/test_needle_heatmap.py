@@ -53,10 +53,12 @@ def test_heatmap_scores_bins_and_averages(tmp_path, capsys):
 def test_several_results_dirs_label_methods_by_budget(tmp_path):
     for budget in (128, 512):
         write_results(tmp_path / f"m_{budget}", "niah_single_1", "SnapKV", [1024], lambda n, d: budget == 512)
-    write_results(tmp_path / "m_128", "niah_single_1", "FullKV", [1024], lambda n, d: True)
+    for budget in (128, 512):  # FullKV run twice (separate runs per budget): each sample counts once
+        write_results(tmp_path / f"m_{budget}", "niah_single_1", "FullKV", [1024], lambda n, d: True)
     found = needle_heatmap.collect([str(tmp_path / "m_128"), str(tmp_path / "m_512")], "niah_single_1",
                                    ["FullKV", "SnapKV"])
     assert list(found) == ["FullKV", "SnapKV @128", "SnapKV @512"]
+    assert len(found["FullKV"][1024]) == 40 and len(found["SnapKV @512"][1024]) == 40
     assert needle_heatmap.main([str(tmp_path / "m_128"), str(tmp_path / "m_512"), "--task", "niah_single_1"]) == 0
     assert (tmp_path / "m_128" / "needle_niah_single_1_SnapKV_512.png").exists()
 
