@@ -1,4 +1,5 @@
 """LongBench protocol pieces and the run_longbench.py -> eval.py pipeline on a tiny model."""
+import importlib.util
 import json
 import os
 import signal
@@ -235,8 +236,11 @@ def test_a_sweep_predicts_what_one_run_per_method_and_budget_does(tmp_path):
 
 
 def test_sweep_table_methods_by_budgets_labelled_not_longbench(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "scripts", "scripts_longBench"))
-    import sweep_table
+    # loaded by path under its own name: scripts/scripts_ruler/sweep_table.py is another `sweep_table`
+    spec = importlib.util.spec_from_file_location(
+        "longbench_sweep_table", os.path.join(ROOT, "scripts", "scripts_longBench", "sweep_table.py"))
+    sweep_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep_table)
 
     runs = {128: {"FullKV": (80.0, 60.0), "SnapKV": (40.0, 20.0)}, 512: {"SnapKV": (70.0, 50.0), "H2O": (10.0, 30.0)}}
     for budget, methods in runs.items():

@@ -1,5 +1,6 @@
 """scripts/needle_heatmap.py on synthetic run_ruler result files: per-sample string_match_all, depth
 bins, per-method averages, PNGs, and one-line errors."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import needle_heatmap  # noqa: E402
+_spec = importlib.util.spec_from_file_location("needle_heatmap", os.path.join(ROOT, "scripts", "needle_heatmap.py"))
+needle_heatmap = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(needle_heatmap)
 
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER's grid (pyramidkv/ruler/niah.py)
 
