@@ -1,4 +1,5 @@
-"""Runner flags for every method parameter, generated from the method dataclasses' fields.
+"""Runner flags for every method parameter, generated from the method dataclasses' fields, and the
+method config / results-directory budget name the runners derive from them.
 
 The fields are read from the source of pyramidkv/methods/*.py (its syntax tree) instead of by importing
 the methods, which import torch: a runner's `--help` stays fast, and a method registered in that
@@ -19,6 +20,11 @@ from dataclasses import dataclass
 METHODS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
 HAND_WRITTEN = ("max_capacity_prompt", "window_size", "kernel_size", "pooling", "gqa_selection")
 RENAMED = {"seed": "method_seed"}  # field -> flag where the runner already has the field's name
+
+
+class DefaultBudget(int):
+    """--max_capacity_prompts' default (128): an int that says it was not given, so a ratio budget
+    (--compress_ratio / --keep_ratio) and methods that size their own cache can leave it out."""
 
 
 @dataclass
@@ -86,12 +92,15 @@ def method_fields() -> tuple[MethodField, ...]:
     return tuple(merged[name] for name in sorted(merged) if name not in HAND_WRITTEN)
 
 
-def add_method_flags(group) -> None:
-    """One --flag per method field (default None: the method's own default)."""
+def add_method_flags(group, lists: tuple = ()) -> None:
+    """One --flag per method field (default None: the method's own default); the fields in `lists`
+    take a comma list (a runner's sweep expands it)."""
     for field in method_fields():
         owners = ", ".join(f"{cls} {default}" for cls, default in field.owners)
-        group.add_argument(f"--{field.flag}", dest=field.flag, type=field.parser(), default=None,
-                           help=f"method parameter {field.name} ({field.annotation}); defaults: {owners}")
+        listed = field.name in lists
+        group.add_argument(f"--{field.flag}", dest=field.flag, type=str if listed else field.parser(), default=None,
+                           help=f"method parameter {field.name} ({field.annotation}{'; comma list' if listed else ''}); "
+                                f"defaults: {owners}")
 
 
 def given_method_values(args) -> dict:
@@ -125,3 +134,24 @@ def budget_name(args) -> str:
         if getattr(args, flag, None) is not None:
             return f"{word}{getattr(args, flag):g}"
     return str(args.max_capacity_prompts)
+
+
+def method_config(args) -> dict:
+    """Keyword arguments for pyramidkv.compress built from the common flags and the method flags given.
+
+    Budget: max_capacity_prompt, unless --compress_ratio / --keep_ratio is given (then the tokens flag
+    only if given too, which the method refuses as two budgets). A method that sizes its cache with its
+    own parameters (CS3602's, streaming_llm, recent_only) gets the window, pooling and budget flags only
+    when they were given."""
+    config = {"window_size": args.window_size, "kernel_size": args.kernel_size, "pooling": args.pooling}
+    given = given_method_values(args)
+    given.update({k: getattr(args, k) for k in ("gqa_selection",) if getattr(args, k, None) is not None})
+    budget_given = not isinstance(args.max_capacity_prompts, DefaultBudget)
+    if budget_given or not any(k in given for k in ("compress_ratio", "keep_ratio")):
+        config = {"max_capacity_prompt": int(args.max_capacity_prompts), **config}
+    if sizes_own_cache(args.method):
+        defaults = {"max_capacity_prompt": None if budget_given else int(args.max_capacity_prompts),
+                    "window_size": 8, "kernel_size": 7, "pooling": "maxpool"}
+        config = {k: v for k, v in config.items() if defaults.get(k) != v}
+    config.update(given)
+    return config

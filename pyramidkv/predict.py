@@ -36,12 +36,10 @@ class CLIError(ValueError):
     """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
 
 
-budget_name = method_flags.budget_name  # the budget in results directory names
-
-
-class DefaultBudget(int):
-    """--max_capacity_prompts' default (128): an int that says it was not given, so a ratio budget
-    (--compress_ratio / --keep_ratio) and methods that size their own cache can leave it out."""
+# method flags -> pyramidkv config, and the budget in results directory names (see method_flags)
+DefaultBudget = method_flags.DefaultBudget
+method_config = method_flags.method_config
+budget_name = method_flags.budget_name
 
 
 def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", sweep: bool = False) -> None:
@@ -80,7 +78,8 @@ def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", 
                    help="kv_head: one selection per KV head (scores averaged over its query heads); "
                         "query_head: per query head, as KVCache-Factory (default: the method's, kv_head)")
     method_flags.add_method_flags(parser.add_argument_group(
-        "method parameters (from the method dataclasses; a method refuses the ones it does not have)"))
+        "method parameters (from the method dataclasses; a method refuses the ones it does not have)"),
+        lists=("compress_ratio", "keep_ratio") if sweep else ())
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32 (default: auto)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available (default: auto)")
     g.add_argument("--seed", type=int, default=42, help="random seed (RULER: also of the samples) (default: 42)")
@@ -102,28 +101,45 @@ def check_method(name: str) -> str:
 
 
 def expand_sweep(args) -> list[argparse.Namespace]:
-    """One namespace per (method, budget) of comma-list --method / --max_capacity_prompts, methods
-    canonicalized; FullKV keeps everything, so it runs once (under the first budget)."""
+    """One namespace per (method, budget) of comma-list --method and --max_capacity_prompts (or
+    --compress_ratio / --keep_ratio), methods canonicalized; FullKV keeps everything and CS3602's methods
+    size their own cache, so each runs once (under the first budget)."""
     methods = [m.strip() for m in str(args.method).split(",") if m.strip()]
-    budgets = []
-    default = isinstance(args.max_capacity_prompts, DefaultBudget)
-    for text in str(args.max_capacity_prompts).split(","):
-        try:
-            budgets.append(DefaultBudget(text) if default else int(text))
-        except ValueError:
-            raise CLIError(f"--max_capacity_prompts {args.max_capacity_prompts!r}: {text!r} is not an integer; "
-                           "give tokens per layer and KV head, e.g. 128 or 64,128,256") from None
+    ratio_flags = [f for f in ("compress_ratio", "keep_ratio") if getattr(args, f, None) is not None]
+    if len(ratio_flags) > 1:
+        raise CLIError("--compress_ratio and --keep_ratio both given: give one budget only")
+    budgets = []  # (namespace changes, budget key)
+    if ratio_flags:
+        flag = ratio_flags[0]
+        for text in str(getattr(args, flag)).split(","):
+            try:
+                budgets.append(({flag: float(text)}, float(text)))
+            except ValueError:
+                raise CLIError(f"--{flag} {getattr(args, flag)!r}: {text!r} is not a number; give fractions, "
+                               "e.g. 0.5 or 0.1,0.25,0.5") from None
+    else:
+        default = isinstance(args.max_capacity_prompts, DefaultBudget)
+        for text in str(args.max_capacity_prompts).split(","):
+            try:
+                budget = DefaultBudget(text) if default else int(text)
+            except ValueError:
+                raise CLIError(f"--max_capacity_prompts {args.max_capacity_prompts!r}: {text!r} is not an integer; "
+                               "give tokens per layer and KV head, e.g. 128 or 64,128,256") from None
+            budgets.append(({"max_capacity_prompts": budget}, budget))
     if not methods or not budgets:
         raise CLIError("--method and --max_capacity_prompts need at least one value each")
     expanded, seen = [], set()
-    for budget in budgets:
+    for changes, budget in budgets:
         for method in methods:
             name = check_method(method)
-            key = (name, None if name == "FullKV" else budget)
+            once = name == "FullKV" or method_flags.sizes_own_cache(name)
+            key = (name, None if once else budget)
             if key in seen:
                 continue
             seen.add(key)
-            expanded.append(argparse.Namespace(**dict(vars(args), method=name, max_capacity_prompts=budget)))
+            if once and ratio_flags and name != "FullKV":  # not a self-sized method's parameters
+                changes = {flag: None for flag in ratio_flags}
+            expanded.append(argparse.Namespace(**{**vars(args), "method": name, **changes}))
     return expanded
 
 
@@ -149,27 +165,6 @@ def validate_run_args(args) -> None:
         raise CLIError("--attn_implementation flash_attention_2 needs the flash-attn package "
                        "(pip install -e .[flash]); choose eager or sdpa instead")
     resolve_device(args.device)
-
-
-def method_config(args) -> dict:
-    """Keyword arguments for pyramidkv.compress built from the common flags and the method flags given.
-
-    Budget: max_capacity_prompt, unless --compress_ratio / --keep_ratio is given (then the tokens flag
-    only if given too, which the method refuses as two budgets). A method that sizes its cache with its
-    own parameters (CS3602's, streaming_llm, recent_only) gets the window, pooling and budget flags only
-    when they were given."""
-    config = {"window_size": args.window_size, "kernel_size": args.kernel_size, "pooling": args.pooling}
-    given = method_flags.given_method_values(args)
-    given.update({k: getattr(args, k) for k in ("gqa_selection",) if getattr(args, k, None) is not None})
-    budget_given = not isinstance(args.max_capacity_prompts, DefaultBudget)
-    if budget_given or not any(k in given for k in ("compress_ratio", "keep_ratio")):
-        config = {"max_capacity_prompt": int(args.max_capacity_prompts), **config}
-    if method_flags.sizes_own_cache(args.method):
-        defaults = {"max_capacity_prompt": None if budget_given else int(args.max_capacity_prompts),
-                    "window_size": 8, "kernel_size": 7, "pooling": "maxpool"}
-        config = {k: v for k, v in config.items() if defaults.get(k) != v}
-    config.update(given)
-    return config
 
 
 def resolve_model(args) -> "models.ResolvedModel":

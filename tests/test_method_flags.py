@@ -65,6 +65,9 @@ def test_ratio_budgets_and_directory_names():
     # CS3602 methods size their own cache: no window or budget flags unless given, one directory name
     assert config(["--method", "h2o_l2", "--heavy_hitter_size", "32"]) == ({"heavy_hitter_size": 32}, "own")
     assert config(["--method", "recent_only", "--window_size", "64"]) == ({"window_size": 64}, "own")
+    with pytest.raises(predict.CLIError, match="keep_ratio=0.5 is not used by h2o_l2"):
+        config(["--method", "h2o_l2", "--keep_ratio", "0.5"])  # refused, not silently ignored
+    assert config(["--method", "fix_size_l2", "--keep_ratio", "0.2"])[0] == {"keep_ratio": 0.2}  # its own share
     with pytest.raises(predict.CLIError, match="max_capacity_prompt=64 is not used by h2o_l2"):
         config(["--method", "h2o_l2", "--max_capacity_prompts", "64"])
 
@@ -83,3 +86,19 @@ def test_run_ruler_with_a_ratio_writes_its_own_directory(tmp_path, monkeypatch):
             str(tmp_path), "--context_lengths", "1024", "--tasks", "niah_single_1", "--num_samples", "1"]
     assert predict.run_cli(run_ruler.main, argv) == 0
     assert os.path.isdir(tmp_path / "tiny-llama_compress0.4" / "1024" / "niah_single_1")
+
+
+def test_sweep_over_kept_fractions():
+    args = parse(["--method", "FullKV,SnapKV,h2o_l2", "--keep_ratio", "0.1,0.25,0.5"], sweep=True)
+    runs = predict.expand_sweep(args)
+    names = [(run.method, predict.budget_name(run)) for run in runs]
+    assert names == [("FullKV", "keep0.1"), ("SnapKV", "keep0.1"), ("h2o_l2", "own"), ("SnapKV", "keep0.25"),
+                     ("SnapKV", "keep0.5")]  # FullKV and self-sized methods once
+    assert [run.keep_ratio for run in runs if run.method == "SnapKV"] == [0.1, 0.25, 0.5]
+    for run in runs:
+        predict.validate_method_args(run)  # h2o_l2 does not get the sweep's keep_ratio
+    with pytest.raises(predict.CLIError, match="not a number"):
+        predict.expand_sweep(parse(["--method", "SnapKV", "--keep_ratio", "0.1,x"], sweep=True))
+    with pytest.raises(predict.CLIError, match="give one budget only"):
+        predict.expand_sweep(parse(["--method", "SnapKV", "--keep_ratio", "0.1", "--compress_ratio", "0.5"],
+                                   sweep=True))

@@ -61,10 +61,12 @@ class KeyNormLayout(KVMethod):
     name: ClassVar[str] = "key_norm_layout"
     needs_queries: ClassVar[bool] = False
     sizes_own_cache: ClassVar[bool] = True
+    takes_keep_ratio: ClassVar[bool] = False  # l2_compress / fix_size_l2 have their own keep_ratio
     skip_layers: int | Sequence[int] = ()
 
     def _check_budget(self) -> None:
-        for field in ("max_capacity_prompt", "compress_ratio"):
+        refused = ("max_capacity_prompt", "compress_ratio") + (() if self.takes_keep_ratio else ("keep_ratio",))
+        for field in refused:
             if getattr(self, field) is not None:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not used by {self.name}, which sizes its "
                                  f"cache with its own parameters ({self.size_parameters})")
@@ -109,6 +111,7 @@ class KeyNormLayout(KVMethod):
 @dataclass
 class L2Compress(KeyNormLayout):
     name: ClassVar[str] = "l2_compress"
+    takes_keep_ratio: ClassVar[bool] = True
     size_parameters: ClassVar[str] = "keep_ratio, prune_after"
     keep_ratio: float | None = 1.0
     prune_after: int = 1000
@@ -130,6 +133,7 @@ class L2Compress(KeyNormLayout):
 @dataclass
 class FixSizeL2(KeyNormLayout):
     name: ClassVar[str] = "fix_size_l2"
+    takes_keep_ratio: ClassVar[bool] = True
     size_parameters: ClassVar[str] = "fix_kv_size, keep_ratio = protected recent share"
     fix_kv_size: int = 1024
     keep_ratio: float | None = 0.0
