@@ -13,9 +13,12 @@ test:             ## the whole test suite (CPU, a few minutes)
 test-fast:        ## the core invariants only
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_core_*.py
 
-demo: ruler       ## main job on the embedded checkpoint
+demo:             ## main job: RULER on SmolLM2-135M-Instruct, six methods at budget 128, one table (~5 min)
+	METHODS="FullKV SnapKV PyramidKV H2O StreamingLLM L2Norm" BUDGETS=128 CONTEXT_LENGTHS=1024 \
+	    NUM_SAMPLES=10 TASKS=niah_single_1,niah_single_2 BATCH=5 SAVE_ROOT=results_demo \
+	    sh scripts/scripts_ruler/sweep.sh smollm2
 
-ruler:            ## RULER with PyramidKV on the embedded checkpoint, then the score table
+ruler:            ## RULER with PyramidKV on the default model (SmolLM2), then the score table
 	sh scripts/scripts_ruler/eval.sh
 
 longbench:        ## LongBench protocol (smoke sample when data/LongBench is absent)
