@@ -2,15 +2,16 @@
 
     python run_longbench.py --method PyramidKV --max_capacity_prompts 128
     python run_longbench.py --method FullKV,SnapKV,PyramidKV --max_capacity_prompts 128,512   # one prefill each
+    python run_longbench.py --method SimCalKV --compress_ratio 0.4 --sim_threshold 0.8   # ratio budget
 
-Writes {save_dir}/{model_name}_{max_capacity_prompts}/{dataset}/{method}.json (one JSON line per
-sample, appended and flushed; a rerun with the same settings skips finished _ids, one with other
+Writes {save_dir}/{model_name}_{budget}/{dataset}/{method}.json (budget: tokens such as 128, compress0.4,
+keep0.25, or own for CS3602's self-sized methods; one JSON line per sample, appended and flushed; a rerun with the same settings skips finished _ids, one with other
 settings is refused: pyramidkv/results_dir.py) and run_meta.json beside the dataset directories. Comma
 lists of methods and budgets write one such directory per budget (FullKV once, under the first budget)
 and prefill each prompt once for all of them (predict.generate_many: the same predictions as one run
 each).
 Everything (flags, method config, model path, data files, save dir, earlier results) is checked before
-the model loads. Score with: python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
+the model loads. Score with: python eval.py --results_dir {save_dir}/{model_name}_{budget}
 """
 from __future__ import annotations
 

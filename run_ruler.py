@@ -2,15 +2,17 @@
 
     python run_ruler.py --method SnapKV --max_capacity_prompts 128 --context_lengths 4096,8192
     python run_ruler.py --method FullKV,SnapKV,PyramidKV --max_capacity_prompts 128,512   # one prefill each
+    python run_ruler.py --method SnapKV,SimCalKV,CaM --keep_ratio 0.1,0.25,0.5   # ratio budgets
 
 Samples come from {data_dir}/{length}/{task}.jsonl when --data_dir holds them (written by
 `python -m pyramidkv.ruler`), otherwise they are generated on the fly with the model's own tokenizer
-(deterministic in --seed). Writes {save_dir}/{model_name}_{max_capacity_prompts}/{length}/{task}/
-{method}.json (one JSON line per sample: pred, outputs, length, index, depth; appended and flushed; a
+(deterministic in --seed). Writes {save_dir}/{model_name}_{budget}/{length}/{task}/{method}.json
+(budget: tokens such as 128, compress0.4, keep0.25, or own for CS3602's self-sized methods; one JSON
+line per sample: pred, outputs, length, index, depth; appended and flushed; a
 rerun with the same settings skips finished indices, one with other settings is refused:
 pyramidkv/results_dir.py) and run_meta.json. Flags, method config, model path, data files, save dir and
 earlier results are all checked before the model loads. Score with:
-    python eval.py --results_dir {save_dir}/{model_name}_{max_capacity_prompts}
+    python eval.py --results_dir {save_dir}/{model_name}_{budget}
 """
 from __future__ import annotations
 
