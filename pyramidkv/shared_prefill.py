@@ -60,17 +60,18 @@ def record_prefill(model, input_ids, attention_mask, **gen_kwargs) -> tuple[list
 
 
 def generate_many(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  configs: list[tuple[str, dict]], gen_kwargs: dict) -> list[torch.Tensor]:
+                  configs: list[tuple[str, dict]], gen_kwargs: dict, recorded=None) -> list[torch.Tensor]:
     """Greedy new tokens [B, <= max_new_tokens] for each (method, config), from one shared prefill.
 
     gen_kwargs: what `generate` would get besides inputs and max_new_tokens (eos/pad ids,
     min_new_tokens, ...; greedy). The first new token comes from a shared `generate` of one token (its
     logits processors included); `generate` then continues from it on each method's compressed cache,
     exactly as in its own second step. Rows that ended at the first token are padded like generate does.
+    recorded: (records, first token) of an earlier record_prefill of these inputs, to reuse it.
     """
     kwargs = {k: v for k, v in gen_kwargs.items() if k not in ("return_dict_in_generate", "max_new_tokens")}
     kwargs.update(do_sample=False, num_beams=1)
-    records, first = record_prefill(model, input_ids, attention_mask, **kwargs)
+    records, first = recorded or record_prefill(model, input_ids, attention_mask, **kwargs)
     padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
     ids = torch.cat([input_ids, first], dim=1)
     mask = torch.cat([attention_mask, torch.ones_like(first)], dim=1)

@@ -32,6 +32,9 @@ def build_parser():
                         f"(default: {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--out", default=None, help="JSON output (default: bench_out/diagnose_<task>_<length>_<budget>.json)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--answers", action="store_true",
+                   help="also decode each config's answer (RULER's tokens_to_generate, from the same prefill) "
+                        "and report accuracy and how many leading value digits it reproduces (default: off)")
     return p
 
 
@@ -75,7 +78,7 @@ def main(argv=None):
     from pyramidkv import build_method, models
     from pyramidkv.methods.base import group_mean, window_attention
     from pyramidkv.ruler import generate_sample
-    from pyramidkv.shared_prefill import record_prefill
+    from pyramidkv.shared_prefill import generate_many, record_prefill
     from tqdm import tqdm
 
     torch.set_num_threads(args.threads)
@@ -87,17 +90,31 @@ def main(argv=None):
     kept = {name: [[] for _ in range(layers)] for name in names}  # per layer: list of [value tokens] bools
     vote_rank = [[] for _ in range(layers)]  # per layer: ranks (0 = most voted) of each value token, w8
     norm_corr = [[] for _ in range(layers)]
+    answers = {name: [] for name in ["FullKV"] + names}  # per config: (correct, leading digits reproduced)
     for index in tqdm(range(args.n), desc="prompts"):
         sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True)
         spans = needle_token_positions(tokenizer, sample["input"], sample["outputs"])
         enc = tokenizer([sample["input"]], return_tensors="pt", add_special_tokens=False)
-        records, _ = record_prefill(model, enc.input_ids, enc.attention_mask,
-                                    pad_token_id=tokenizer.pad_token_id, do_sample=False)
+        gen_kwargs = {"pad_token_id": tokenizer.pad_token_id, "do_sample": False}
+        records, first = record_prefill(model, enc.input_ids, enc.attention_mask, **gen_kwargs)
         positions = torch.tensor(spans[0])
+        if args.answers:
+            runs = [("FullKV", {})] + [(m, dict(c, max_capacity_prompt=args.budget)) for m, c in configs]
+            outs = generate_many(model, enc.input_ids, enc.attention_mask, sample["tokens_to_generate"], runs,
+                                 gen_kwargs, recorded=(records, first))
+            value = sample["outputs"][0]
+            for name, tokens in zip(answers, outs):
+                pred = tokenizer.decode(tokens[0], skip_special_tokens=True)
+                digits = "".join(ch for ch in pred.split(".")[0] if ch.isdigit())
+                lead = next((i for i, (a, b) in enumerate(zip(digits, value)) if a != b), min(len(digits), len(value)))
+                answers[name].append((value in pred, lead))
+        budgets = {name: build_method(m, max_capacity_prompt=args.budget, **c).layer_budgets(enc.input_ids.shape[1], layers)
+                   for name, (m, c) in zip(names, configs)}
         for x in records:
             layer = x.layer_idx
             for name, (method, config) in zip(names, configs):
-                keep = build_method(method, max_capacity_prompt=args.budget, **config).select(x, args.budget)
+                budget = budgets[name][layer]  # PyramidKV: its own per-layer budget
+                keep = build_method(method, max_capacity_prompt=args.budget, **config).select(x, budget)
                 hit = (keep[0][:, :, None] == positions[None, None, :]).any(1)  # [heads, value tokens]
                 kept[name][layer].extend(hit.float().tolist())
             votes = group_mean(window_attention(x, 8).sum(2), x.num_kv_groups)[0, :, : x.seq_len - 8]
@@ -109,6 +126,11 @@ def main(argv=None):
             norm_corr[layer].extend(spearman(-norms, received).tolist())  # low norm ~ high attention?
         del records
     summary = summarize(args, names, kept, vote_rank, norm_corr)
+    if args.answers:
+        summary["answers"] = {name: {"accuracy": round(100 * sum(c for c, _ in rows) / len(rows), 1),
+                                     "leading_digits_histogram": {d: sum(1 for _, l in rows if l == d)
+                                                                  for d in range(8)}}
+                              for name, rows in answers.items()}
     out = args.out or os.path.join("bench_out", f"diagnose_{args.task}_{args.length}_{args.budget}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
@@ -140,6 +162,13 @@ def summarize(args, names, kept, vote_rank, norm_corr):
 
 def print_tables(summary):
     names = summary["configs"]
+    if "answers" in summary:
+        print("| config | accuracy % | answers reproducing the first 0..7 value digits |")
+        print("|---|---|---|")
+        for name, row in summary["answers"].items():
+            hist = " / ".join(str(v) for v in row["leading_digits_histogram"].values())
+            print(f"| {name} | {row['accuracy']} | {hist} |")
+        print()
     print("| layer | " + " | ".join(f"{n} kept %" for n in names) + " | ρ(−‖k‖, attention) |")
     print("|---" * (len(names) + 2) + "|")
     for row in summary["per_layer"]:
