@@ -47,6 +47,9 @@ class CompressedLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, growth: int = 256):
+        # growth: the most spare slots one reallocation adds (a quarter of the length, at least 16):
+        # a short compressed cache must not allocate more than the full cache it replaces, and a long one
+        # copies itself once per `growth` steps, which costs far less than a step's attention over it
         super().__init__()
         self.cumulative_length = 0  # true number of tokens seen
         self.growth = growth
@@ -90,7 +93,7 @@ class CompressedLayer(DynamicLayer):
             and length + added <= buffer.shape[-2]
         )
         if not usable:
-            capacity = length + added + max(self.growth, length // 4)
+            capacity = length + added + min(self.growth, max(16, length // 4))
             shape = (*self.keys.shape[:2], capacity, self.keys.shape[-1])
             self._key_buffer = self.keys.new_empty(shape)
             self._value_buffer = self.values.new_empty((*shape[:3], self.values.shape[-1]))

@@ -34,6 +34,10 @@ def test_cache_physically_holds_budget(method, attn):
         decoded = greedy(model, prompt(prompt_len), new_tokens=new_tokens).past_key_values
         assert decoded.physical_lengths() == [kept + new_tokens - 1 for kept in expected]
         assert decoded.get_seq_length() == prompt_len + new_tokens - 1
+        # the decode buffer adds a quarter of the kept length (at least 16, at most 256) once: a short
+        # compressed cache never allocates more than the tokens it saves
+        capacity = [kept + 1 + min(256, max(16, kept // 4)) for kept in expected]
+        assert decoded.nbytes() == sum(capacity) * 2 * 8 * 2 * 4
 
 
 def test_prompt_shorter_than_budget_is_kept_whole():
