@@ -59,10 +59,27 @@ def run_settings(args, protocol: dict) -> dict:
 
 
 def settings_diff(old: dict, new: dict) -> str:
-    """'seed 42 -> 7, window_size 8 -> 32' for the settings that differ ('' when none)."""
+    """'seed 42 -> 7, window_size 8 -> 32' for the settings that differ ('' when none).
+
+    A method field added after the old results were made is absent from their record; it matches when
+    the new value is that field's default (a field is only added with a default that keeps the old
+    behaviour), so a library upgrade does not orphan half-finished sweeps."""
+    added_defaults = _method_defaults(new.get("method"))
     keys = list(new) + [k for k in old if k not in new]
     return ", ".join(f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
-                     for k in keys if old.get(k) != new.get(k))
+                     for k in keys if old.get(k) != new.get(k)
+                     and not (k not in old and k in added_defaults and new.get(k) == added_defaults[k]))
+
+
+def _method_defaults(name) -> dict:
+    """{field: default} of a method's dataclass fields (JSON form); {} for an unknown name."""
+    import pyramidkv
+    try:
+        cls = type(pyramidkv.build_method(name))
+    except (ValueError, TypeError):
+        return {}
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cls)
+                                  if f.default is not dataclasses.MISSING}, default=str))
 
 
 # ---- save dir and run_meta.json -------------------------------------------------------------------

@@ -149,3 +149,13 @@ def test_second_writer_of_a_results_file_fails_at_once_naming_the_holder(checkpo
         holder.wait()
     assert ruler(checkpoint, tmp_path, "SnapKV") == 0  # a dead holder's lock file blocks nothing
     assert indices(path) == [0, 1]
+
+
+def test_a_method_field_added_later_matches_at_its_default():
+    """Results recorded before a method gained a field resume when the field has its default value."""
+    from pyramidkv import results_dir
+    old = {"method": "SnapKV", "window_size": 8, "seed": 42}
+    assert results_dir.settings_diff(old, dict(old, kernel_size=7)) == ""  # SnapKV's default kernel
+    assert results_dir.settings_diff(old, dict(old, kernel_size=5)) == "kernel_size (unset) -> 5"
+    assert results_dir.settings_diff(old, dict(old, not_a_field=1)) == "not_a_field (unset) -> 1"
+    assert results_dir.settings_diff(dict(old, kernel_size=7), old) == "kernel_size 7 -> (unset)"
