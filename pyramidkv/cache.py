@@ -20,6 +20,12 @@ Merged slots: a merging method may give each kept slot an additive logit bias (`
 ln n draws the attention of n copies. The attention hook adds it to the logits through the float mask
 (eager and sdpa; flash-attn takes no additive mask, so a bias there is an error). Slots appended while
 decoding carry no bias: the bias covers the prefill slots and later columns read as 0.
+
+Compression while decoding (a method with max_cache_size / compress_interval, methods/decode.py): after
+a layer's attention the hook calls `decode_layer`, which asks the method which slots to keep and
+compacts them inside the decode buffer (`CompressedLayer.evict`): the buffer is never reallocated, so
+the bytes stay flat however long the generation. The layout stays the batch contract above (a row's
+real tokens in its last slots, hidden fillers first), so mask column j + offset is still slot j.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .methods import KVMethod, PrefillInputs, build_method
-from .methods.base import repeat_kv
+from .methods.base import gather_tokens, repeat_kv
+from .methods.decode import DecodeInputs
 
 logger = logging.getLogger("pyramidkv")
 
@@ -58,6 +65,8 @@ class CompressedLayer(DynamicLayer):
         self.kept_per_row: list[int] | None = None  # real tokens each row kept
         self.filler_slots: torch.Tensor | None = None  # [B, K] bool, True = slot the attention must hide
         self.slot_bias: torch.Tensor | None = None  # [B, stored heads, K] fp32 additive logit bias; None = 0
+        self.decode_state: dict[str, torch.Tensor] = {}  # a decoding method's per-slot state [B, H, <=P]
+        self.decode_forwards = 0  # decode forwards since prefill (compress_interval counts these)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
@@ -125,6 +134,31 @@ class CompressedLayer(DynamicLayer):
         else:
             self.filler_slots = None
 
+    def evict(self, keep: torch.Tensor, fillers: list[int]) -> None:
+        """Keep slots `keep` [B, H, K] (row b's tokens in its last K - fillers[b] slots), compacted in
+        place at the start of the decode buffer; bias and decode state follow their slots."""
+        slots, before = keep.shape[-1], self.physical_length
+        bias = self.attention_bias()
+        kept_keys, kept_values = gather_tokens(self.keys, keep), gather_tokens(self.values, keep)
+        buffer = self._key_buffer
+        if buffer is not None and self.keys.data_ptr() == buffer.data_ptr():
+            self._key_buffer[:, :, :slots].copy_(kept_keys)
+            self._value_buffer[:, :, :slots].copy_(kept_values)
+            self.keys, self.values = self._key_buffer[:, :, :slots], self._value_buffer[:, :, :slots]
+        else:
+            self.keys, self.values = kept_keys, kept_values
+        if bias is not None:
+            bias = bias.gather(-1, keep)
+            self.slot_bias = bias if bool(bias.any()) else None
+        for name, state in self.decode_state.items():  # slots appended since the last eviction read 0
+            state = torch.nn.functional.pad(state, (0, max(0, before - state.shape[-1])))
+            self.decode_state[name] = state.gather(-1, keep)
+        if max(fillers) > 0:
+            counts = torch.tensor(fillers, device=keep.device)
+            self.filler_slots = torch.arange(slots, device=keep.device)[None, :] < counts[:, None]
+        else:
+            self.filler_slots = None
+
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
@@ -152,6 +186,7 @@ class CompressedLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         self.needs_compression = False
         self.kept_after_prefill = self.kept_per_row = self.filler_slots = self.slot_bias = None
+        self.decode_state, self.decode_forwards = {}, 0
 
     # batch reshuffles (beam search, num_return_sequences, contrastive search) move the fillers too
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -162,6 +197,7 @@ class CompressedLayer(DynamicLayer):
             self.slot_bias = self.slot_bias.index_select(0, beam_idx.to(self.slot_bias.device))
         if self.kept_per_row is not None:
             self.kept_per_row = [self.kept_per_row[i] for i in beam_idx.tolist()]
+        self.decode_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.decode_state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -171,6 +207,7 @@ class CompressedLayer(DynamicLayer):
             self.slot_bias = self.slot_bias.repeat_interleave(repeats, dim=0)
         if self.kept_per_row is not None:
             self.kept_per_row = [kept for kept in self.kept_per_row for _ in range(repeats)]
+        self.decode_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.decode_state.items()}
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
@@ -180,6 +217,7 @@ class CompressedLayer(DynamicLayer):
             self.slot_bias = self.slot_bias[indices]
         if self.kept_per_row is not None:
             self.kept_per_row = [self.kept_per_row[i] for i in torch.arange(len(self.kept_per_row))[indices].tolist()]
+        self.decode_state = {k: v[indices] for k, v in self.decode_state.items()}
 
     def nbytes(self) -> int:
         """Bytes of the K/V this layer holds (its buffer's capacity while decoding), plus the slot bias
@@ -240,15 +278,50 @@ class CompressedCache(Cache):
         if self._row_budgets is None or layer_idx == 0:
             schedules = {n: self.method.layer_budgets(n, len(self.layers)) for n in set(lengths)}
             self._row_budgets = [schedules[n] for n in lengths]
-        budgets = [min(row[layer_idx], n) for row, n in zip(self._row_budgets, lengths)]
+        cap = self.method.max_cache_size or seq_len  # a decoding method never stores more than its cache size
+        budgets = [min(row[layer_idx], n, cap) for row, n in zip(self._row_budgets, lengths)]
         with torch.no_grad():
             stored = self.method.compress(inputs, budgets)  # (keys, values) or (keys, values, slot bias)
-        slot_bias = stored[2] if len(stored) > 2 else None
-        layer.store_compressed(stored[0], stored[1], budgets, lengths, slot_bias)
+            slot_bias = stored[2] if len(stored) > 2 else None
+            layer.store_compressed(stored[0], stored[1], budgets, lengths, slot_bias)
+            if self.method.decodes:
+                layer.decode_state = self.method.decode_prefill_state(inputs, getattr(inputs, "kept_indices", None))
         if layer_idx == len(self.layers) - 1:
             log = logger.info if not getattr(self.method, "_logged", False) else logger.debug
             log("%s kept tokens per layer (prompt %d): %s", self.method.name, seq_len, self.kept_tokens())
             object.__setattr__(self.method, "_logged", True)
+
+    def decode_layer(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """After a decode forward's attention in this layer: let the method update its per-slot state,
+        and every compress_interval forwards evict down to its decode budget (methods/decode.py)."""
+        layer = self.layers[layer_idx]
+        layer.decode_forwards += 1
+        with torch.no_grad():
+            decode = DecodeInputs(query, layer.keys, layer.values, self._hidden_slots(layer), layer.attention_bias(),
+                                  layer_idx, len(self.layers), scaling, layer.decode_state)
+            self.method.decode_observe(decode)
+            if layer.decode_forwards % (self.method.compress_interval or 1):
+                return
+            real = decode.real_counts()
+            budgets = self.method.decode_budgets(real, layer_idx, len(self.layers))
+            if all(b >= n for b, n in zip(budgets, real)):
+                return  # nothing to evict
+            keep = self.method.decode_select(decode, budgets)
+            if keep is None:
+                return
+            layer.evict(keep, [keep.shape[-1] - b for b in budgets])
+
+    def _hidden_slots(self, layer: CompressedLayer) -> torch.Tensor:
+        """[B, P] True = slot holds no token of the row: a filler, or a pad that the 2-D mask hides
+        (slot j is mask column j + true length - P)."""
+        physical = layer.physical_length
+        hidden = torch.zeros(layer.keys.shape[0], physical, dtype=torch.bool, device=layer.keys.device)
+        if layer.filler_slots is not None:
+            hidden[:, : layer.filler_slots.shape[1]] = layer.filler_slots
+        mask = self.padding_mask
+        if mask is not None and mask.shape[-1] >= physical:
+            hidden |= ~mask[:, mask.shape[-1] - physical:].bool().to(hidden.device)
+        return hidden
 
     def kept_tokens(self) -> list[int | None]:
         """Slots each layer stores per head right after prefill. With one row: the tokens it kept; in a

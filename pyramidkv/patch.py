@@ -101,6 +101,8 @@ def _compressing_attention(base_attention, kind: str):
         if layer.needs_compression:
             scaling = kwargs.get("scaling") or module.scaling
             cache.compress_layer(module.layer_idx, query, key, value, scaling)
+        elif cache.method.decodes:  # compression while decoding: after the new token's attention
+            cache.decode_layer(module.layer_idx, query, kwargs.get("scaling") or module.scaling)
         return output
 
     attention.__pyramidkv_wrapped__ = True

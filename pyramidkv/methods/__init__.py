@@ -20,11 +20,12 @@ from .pyramidkv import PyramidKV
 from .simcalkv import SimCalKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
+from .tova import TOVA
 
 METHODS: dict[str, type[KVMethod]] = {
     cls.name: cls
     for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, KeepKV, PyramidInfer, CaM,
-                *CS3602_METHODS)
+                TOVA, *CS3602_METHODS)
 }
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
 
@@ -33,6 +34,9 @@ def _streaming_llm(start_size: int = 4, recent_size: int = 508, skip_layers=None
     """CS3602 streaming_llm: start_size sinks + recent_size recent tokens = StreamingLLM with
     sink_size=start_size and a budget of start_size + recent_size (recency fills all but the sinks, so
     any window below the budget keeps the same tokens)."""
+    for name, value, minimum in (("start_size", start_size, 0), ("recent_size", recent_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= {minimum}")
     capacity = start_size + recent_size
     return {"sink_size": start_size, "max_capacity_prompt": capacity, "skip_layers": skip_layers,
             # the window stays inside the recent part, so all start_size sinks fit in the budget
@@ -72,6 +76,11 @@ def canonical_name(name: str) -> str:
     return found
 
 
+def decode_methods() -> list[str]:
+    """Methods that can compress while decoding (max_cache_size / compress_interval)."""
+    return [name for name, cls in METHODS.items() if cls.has_decode_form]
+
+
 def list_methods() -> list[str]:
     """Canonical method names."""
     return list(METHODS)
@@ -102,5 +111,5 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
     return cls(**config)
 
 
-__all__ = ["ALIASES", "KVMethod", "PrefillInputs", "METHODS", "build_method", "canonical_name", "list_methods",
+__all__ = ["ALIASES", "KVMethod", "PrefillInputs", "METHODS", "build_method", "canonical_name", "decode_methods", "list_methods",
            "register_method"] + list(METHODS)

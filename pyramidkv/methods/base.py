@@ -90,9 +90,16 @@ class KVMethod:
     gqa_selection: str = "kv_head"
     compress_ratio: float | None = None
     keep_ratio: float | None = None
+    # compression while decoding (methods/decode.py): None/None = prefill only
+    max_cache_size: int | None = None  # tokens each layer / KV head holds at most while decoding
+    compress_interval: int | None = None  # act every this many decode forwards (default 1 when on)
+
+    # True for a method with a decode-time rule (key-only ones: their prefill rule re-applied)
+    has_decode_form: ClassVar[bool] = False
 
     def __post_init__(self):
         self._check_budget()
+        self._check_decode()
         for field in ("window_size", "kernel_size"):
             _check_positive_int(field, getattr(self, field))
         if self.max_capacity_prompt is not None and self.max_capacity_prompt <= self.window_size:
@@ -128,6 +135,48 @@ class KVMethod:
             self.max_capacity_prompt = DEFAULT_CAPACITY
         if self.max_capacity_prompt is not None:
             _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
+
+    def _check_decode(self) -> None:
+        for field in ("max_cache_size", "compress_interval"):
+            if getattr(self, field) is not None:
+                _check_positive_int(field, getattr(self, field))
+        if self.decodes and not self.has_decode_form:
+            from . import decode_methods  # late: the registry imports this module
+            raise ValueError(f"{self.name} has no decode-time form, so max_cache_size / compress_interval cannot "
+                             f"be used with it; valid choices: {', '.join(decode_methods())}")
+
+    @property
+    def decodes(self) -> bool:
+        """True when the method also compresses while decoding."""
+        return self.max_cache_size is not None or self.compress_interval is not None
+
+    def decode_budgets(self, real_counts: Sequence[int], layer_idx: int, num_layers: int) -> list[int]:
+        """Tokens each row keeps in a layer at a decode eviction: max_cache_size for a budgeted method
+        (its prefill budget otherwise), the method's own size for self-sized ones, capped by
+        max_cache_size."""
+        cap = self.max_cache_size
+        budgets = []
+        for n in real_counts:
+            if cap is not None and not self.sizes_own_cache:
+                budget = cap
+            else:
+                budget = self.layer_budgets(n, num_layers)[layer_idx]
+                budget = budget if cap is None else min(budget, cap)
+            budgets.append(min(budget, n))
+        return budgets
+
+    def decode_prefill_state(self, x: PrefillInputs, keep: torch.Tensor | None) -> dict:
+        """Per-slot state [B, H, kept slots] carried into decoding (H2O: the prompt's accumulated
+        attention of each kept token); `keep`: the kept positions, None = the whole prompt."""
+        return {}
+
+    def decode_observe(self, d) -> None:
+        """Called at every decode step of a layer (before any eviction): update `d.state` in place."""
+
+    def decode_select(self, d, budgets: list[int]) -> torch.Tensor | None:
+        """Slots [B, H, K] to keep at a decode eviction (row b's kept slots its last min(budget_b, real_b),
+        ascending), None = all. Key-only methods: the prefill rule applied to the cache."""
+        return self.select(d.as_prefill(), budgets)
 
     @property
     def uses_logit_bias(self) -> bool:
@@ -205,6 +254,7 @@ class KVMethod:
         bias [B, stored heads, K] (None or absent = no bias)."""
         keys, values = self.stored_states(x)
         keep = self.select(x, budget)
+        x.kept_indices = keep  # for decode_prefill_state (decoding methods carry per-slot state)
         if keep is None:
             return keys, values
         return gather_tokens(keys, keep), gather_tokens(values, keep)

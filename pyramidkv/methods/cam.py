@@ -27,6 +27,7 @@ from .merging import gather_positions, split_kept_evicted
 @dataclass
 class CaM(H2O):
     name = "CaM"
+    has_decode_form = False  # H2O's decode rule does not apply to its prefill form
     merge_window: int | None = None  # m; None = window_size
     seed: int = 0
 

@@ -60,6 +60,7 @@ class KeyNormLayout(KVMethod):
 
     name: ClassVar[str] = "key_norm_layout"
     needs_queries: ClassVar[bool] = False
+    has_decode_form: ClassVar[bool] = True  # prefill rule re-applied to the cache (methods/decode.py)
     sizes_own_cache: ClassVar[bool] = True
     takes_keep_ratio: ClassVar[bool] = False  # l2_compress / fix_size_l2 have their own keep_ratio
     skip_layers: int | Sequence[int] = ()

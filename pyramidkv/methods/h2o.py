@@ -2,22 +2,51 @@
 Models" (NeurIPS 2023, arXiv:2306.14048).
 
 Score = attention accumulated over ALL prompt queries (causal column sums); keep the heavy hitters
-plus the most recent `window_size` tokens. This is the prefill (one-shot) form used by KVCache-Factory;
-the original also evicts greedily during decoding, which is not done here.
+plus the most recent `window_size` tokens. This is the prefill (one-shot) form used by KVCache-Factory.
+
+Decode form (H2O as published; on with `max_cache_size`): every slot carries its accumulated attention
+(the prompt's column sums at prefill, then + each decode query's attention, per KV head the mean over
+its query-head group); at each step the cache keeps the last `window_size` slots (recent budget) and
+the `max_cache_size - window_size` slots of highest accumulated attention (heavy budget): with one new
+token per step, one eviction per step.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .base import KVMethod, PrefillInputs
+from .base import KVMethod, PrefillInputs, group_mean, keep_top_prefix_and_window
 
 
 @dataclass
 class H2O(KVMethod):
     name = "H2O"
+    has_decode_form = True
     # query rows per chunk are chosen so that one chunk's logits stay below this many elements
     chunk_elements: int = 1 << 25
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_cache_size is not None and self.max_cache_size <= self.window_size:
+            raise ValueError(f"max_cache_size={self.max_cache_size} must be larger than window_size="
+                             f"{self.window_size} (the recent budget is part of the cache)")
+
+    def decode_prefill_state(self, x, keep):
+        sums = self.selection_heads(self.score(x, 0).float(), x)  # [B, stored heads, S]
+        return {"accumulated": sums if keep is None else sums.gather(-1, keep)}
+
+    def decode_observe(self, d):
+        attention = d.attention.sum(dim=2)  # [B, Hq, P]: every new query's attention
+        heads = d.keys.shape[1]
+        if attention.shape[1] != heads:
+            attention = group_mean(attention, attention.shape[1] // heads)
+        accumulated = d.padded_state("accumulated")
+        d.state["accumulated"] = attention if accumulated is None else accumulated + attention
+
+    def decode_select(self, d, budgets):
+        window = min(self.window_size, *budgets)
+        scores = d.state["accumulated"][..., : d.slots - window]
+        return keep_top_prefix_and_window(scores, budgets, d.slots, None if not bool(d.hidden.any()) else ~d.hidden)
 
     def score(self, x: PrefillInputs, window: int):
         """Column sums of the causal prompt attention, per query head [B, Hq, S - window] (fp32).

@@ -18,6 +18,7 @@ from .merging import Matches, check_similarity_threshold, match_evicted
 @dataclass
 class KeepKV(H2O):
     name = "KeepKV"
+    has_decode_form = False  # H2O's decode rule does not apply to its prefill form
     sim_threshold: float = 0.0
 
     def __post_init__(self):

@@ -15,6 +15,7 @@ from .base import KVMethod, PrefillInputs
 class L2Norm(KVMethod):
     name = "L2Norm"
     needs_queries = False  # key-only
+    has_decode_form = True  # the prefill rule re-applied to the cache (methods/decode.py)
     skip_layers: int = 2
 
     def __post_init__(self):

@@ -18,6 +18,7 @@ from .h2o import H2O
 @dataclass
 class PyramidInfer(H2O):
     name = "PyramidInfer"
+    has_decode_form = False  # H2O's decode rule does not apply to its prefill form
     layer_step: float = 0.01
 
     def __post_init__(self):

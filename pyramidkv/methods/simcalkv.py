@@ -35,6 +35,7 @@ CALIBRATIONS = ("exact", "released")
 @dataclass
 class SimCalKV(H2O):
     name = "SimCalKV"
+    has_decode_form = False  # H2O's decode rule does not apply to its prefill form
     sim_threshold: float = 0.0
     calibration: str = "exact"
 

@@ -7,6 +7,8 @@ tokens are kept. Positions stay the TRUE positions (the cache keeps each token's
 rotation); the paper's variant that re-rotates keys to cache positions is not implemented.
 `skip_layers` (layer indices or a count of first layers; default none) are left whole, as CS3602's
 streaming_llm / recent_only allow (their parameter aliases, see methods/__init__.py).
+Rolling form (`max_cache_size` or `compress_interval` set): the same rule re-applied to the cache while
+decoding (methods/decode.py), so each layer keeps the sinks and the most recent tokens at every step.
 """
 
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from .base import KVMethod, PrefillInputs, layer_indices
 class StreamingLLM(KVMethod):
     name = "StreamingLLM"
     needs_queries = False  # key-only
+    has_decode_form = True  # the prefill rule re-applied to the cache (methods/decode.py)
     sink_size: int = 4
     # None = no layer skipped (None, not (), so stored run settings of earlier runs still match)
     skip_layers: int | tuple[int, ...] | None = None
@@ -30,6 +33,9 @@ class StreamingLLM(KVMethod):
             self.skip_layers = layer_indices("skip_layers", self.skip_layers)
         if isinstance(self.sink_size, bool) or not isinstance(self.sink_size, int) or self.sink_size < 0:
             raise ValueError(f"sink_size={self.sink_size!r} is invalid: it must be a non-negative integer")
+        if self.max_cache_size is not None and self.max_cache_size <= self.sink_size:
+            raise ValueError(f"max_cache_size={self.max_cache_size} must be larger than sink_size={self.sink_size} "
+                             f"(start_size): the cache holds the sinks plus at least one recent token")
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         kept = min(self.capacity(seq_len), seq_len)
