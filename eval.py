@@ -20,7 +20,7 @@ import os
 import sys
 
 from pyramidkv import longbench as lb
-from pyramidkv import metrics
+from pyramidkv import metrics, sharding
 from pyramidkv.result_files import iter_jsonl
 
 EN_AVERAGE = "average_english"  # mean over the English LongBench sets present
@@ -32,31 +32,40 @@ def warn(message: str) -> None:
 
 
 def read_predictions(path: str, required: tuple, id_key: str) -> list[dict]:
-    """Valid records of a jsonl prediction file; bad lines are reported (file:line) and skipped."""
+    """Valid records of a jsonl prediction file and of the part files a sharded run left beside it
+    (merged into it first, unless a run still writes them: then read as they are); bad lines are
+    reported (file:line) and skipped."""
+    if sharding.merge_parts(path, id_key) is False:
+        warn(f"{path}: its part files were not merged (a run still writes them, or the directory is "
+             "read-only); scored as they are")
     records, seen = [], set()
-    for line_no, record, error, missing in iter_jsonl(path, required):
-        if error is not None:
-            warn(f"{path}:{line_no}: {error}; line skipped")
-            continue
-        if missing:
-            warn(f"{path}:{line_no}: missing {', '.join(missing)}; line skipped")
-            continue
-        if not isinstance(record["pred"], str):
-            warn(f"{path}:{line_no}: pred is {type(record['pred']).__name__}, not a string; line skipped")
-            continue
-        key = record.get(id_key)
-        if key is not None and key in seen:
-            warn(f"{path}:{line_no}: repeated {id_key} {key!r}; counted once")
-            continue
-        seen.add(key)
-        records.append(record)
+    for file in [p for p in [path, *sharding.part_files(path)] if os.path.exists(p)]:
+        for line_no, record, error, missing in iter_jsonl(file, required):
+            if error is not None:
+                warn(f"{file}:{line_no}: {error}; line skipped")
+                continue
+            if missing:
+                warn(f"{file}:{line_no}: missing {', '.join(missing)}; line skipped")
+                continue
+            if not isinstance(record["pred"], str):
+                warn(f"{file}:{line_no}: pred is {type(record['pred']).__name__}, not a string; line skipped")
+                continue
+            key = record.get(id_key)
+            if key is not None and key in seen:
+                warn(f"{file}:{line_no}: repeated {id_key} {key!r}; counted once")
+                continue
+            seen.add(key)
+            records.append(record)
     return records
 
 
 def method_files(directory: str) -> list[tuple[str, str]]:
-    """(method, path) for every {method}.json in a directory, sorted by method."""
+    """(method, path) for every {method}.json in a directory, sorted by method (a method whose sharded
+    run left only part files, {method}.json.part0of2 ..., too: scoring merges them)."""
     found = []
-    for name in sorted(os.listdir(directory)):
+    names = os.listdir(directory)
+    names += [sharding.results_file_of(n) for n in names if sharding.is_part_file(n)]
+    for name in sorted(set(names)):
         path = os.path.join(directory, name)
         if not name.endswith(".json"):
             continue

@@ -20,7 +20,7 @@ import os
 import sys
 
 from pyramidkv import longbench as lb
-from pyramidkv import predict, result_files, results_dir
+from pyramidkv import placement, predict, result_files, results_dir, sharding
 
 DEFAULT_SAVE_DIR = "results_long_bench"
 
@@ -106,9 +106,10 @@ def main(argv=None) -> None:
         results_dir.check_settings(run.out_dir, run.settings, fingerprint)
     dir_names = [f"{d}_e" if args.longbench_e else d for d in datasets]
     paths = [os.path.join(run.out_dir, name, f"{run.args.method}.json") for run in runs for name in dir_names]
-    with results_dir.locked(paths):
+    shard = sharding.current_shard()
+    with results_dir.locked(paths, shard):
         predict.set_seed(args.seed)
-        model, tokenizer = predict.load_model_and_tokenizer(args)
+        model, tokenizer = predict.load_model_and_tokenizer(args, shard)
         max_length, max_length_source = lb.model_max_length(resolved.name, model.config, args.max_length)
         chat = predict.uses_chat_template(tokenizer, args.chat_template)
         meta = {"benchmark": "LongBench-E" if args.longbench_e else "LongBench",
@@ -116,33 +117,39 @@ def main(argv=None) -> None:
                 "max_length": max_length, "max_length_source": max_length_source,
                 "chat_template_applied": chat, "dtype": str(model.dtype), "eval_batch_size": args.eval_batch_size,
                 "max_new_tokens": {d: lb.DATASET_TO_MAX_NEW_TOKENS[d] for d in datasets},
-                **lb.protocol_record()}
+                **lb.protocol_record(), **placement.placement_record(model, args, shard)}
         print(f"model max prompt length {max_length} ({max_length_source}); chat template: "
               f"{'yes' if chat else 'no'}", file=sys.stderr, flush=True)
         for run in runs:
-            predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
+            if shard.rank == 0:  # one writer per invocation, however many processes share it
+                predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
             print(f"LongBench {run.args.method} budget {predict.budget_name(run.args)}; results -> "
                   f"{run.out_dir}", file=sys.stderr, flush=True)
 
         from tqdm import tqdm
         for dataset in datasets:
-            run_dataset(args, runs, model, tokenizer, dataset, samples[dataset], max_length, tqdm)
+            run_dataset(args, runs, model, tokenizer, dataset, samples[dataset], max_length, tqdm, shard)
+    sharding.merge_at_end(paths, "_id", shard)
 
 
-def run_dataset(args, runs, model, tokenizer, dataset, samples, max_length, tqdm) -> None:
-    """Predict every pending sample of one dataset for each run (one (method, budget) each).
+def run_dataset(args, runs, model, tokenizer, dataset, samples, max_length, tqdm,
+                shard: sharding.Shard = sharding.Shard()) -> None:
+    """Predict every pending sample of one dataset this process owns (the i-th distinct _id when
+    i % world == rank, pyramidkv.sharding) for each run (one (method, budget) each).
 
     With several runs a prompt is prefilled once and decoded per run (predict.generate_many gives the
     same predictions as one generate each); a run that already has a sample is not decoded for it."""
     dir_name = f"{dataset}_e" if args.longbench_e else dataset
     for run in runs:
-        run.out_path = os.path.join(run.out_dir, dir_name, f"{run.args.method}.json")
-        run.done = result_files.load_done_ids(run.out_path)
+        results_file = os.path.join(run.out_dir, dir_name, f"{run.args.method}.json")
+        run.out_path = sharding.part_path(results_file, shard)  # the file itself for one process
+        run.done = sharding.done_ids(results_file, "_id", shard)  # in the file or any part of it
     unique, seen = [], set()
     for sample in samples:
         if sample["_id"] not in seen:  # also guards against repeated ids in the data file
             seen.add(sample["_id"])
             unique.append(sample)
+    unique = [s for position, s in enumerate(unique) if shard.owns(position)]
     pending = [s for s in unique if any(s["_id"] not in run.done for run in runs)]
     max_new_tokens = lb.DATASET_TO_MAX_NEW_TOKENS[dataset]
     stop = lb.STOP_STRINGS.get(dataset)

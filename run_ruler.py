@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from pyramidkv import predict, result_files, results_dir
+from pyramidkv import placement, predict, result_files, results_dir, sharding
 from pyramidkv.ruler import DEFAULT_TASKS, TASKS, generate_sample, parse_task_list, tokens_to_generate
 from pyramidkv.ruler.__main__ import parse_lengths
 from pyramidkv.ruler.dataset import dataset_path, read_dataset, read_meta
@@ -92,17 +92,21 @@ def results_path(out_dir: str, length: int, task: str, method: str) -> str:
     return os.path.join(out_dir, str(length), task, f"{method}.json")
 
 
-def run_task(runs, model, tokenizer, task, length, tqdm, get_sample, batch_size) -> None:
-    """Predict every pending sample of (task, length) for each run (one (method, budget) each).
+def run_task(runs, model, tokenizer, task, length, tqdm, get_sample, batch_size,
+             shard: sharding.Shard = sharding.Shard()) -> None:
+    """Predict every pending sample of (task, length) this process owns (sample index i when
+    i % world == rank, pyramidkv.sharding) for each run (one (method, budget) each).
 
     With several runs a prompt is prefilled once and decoded per run (predict.generate_many gives the
     same predictions as one generate each); a run that already has a sample is not decoded for it."""
     num_samples = runs[0].args.num_samples
     for run in runs:
-        run.out_path = results_path(run.out_dir, length, task, run.args.method)
-        run.done = result_files.load_done_ids(run.out_path, key="index")
-    pending = sorted({i for run in runs for i in range(num_samples) if i not in run.done})
-    progress = tqdm(total=num_samples, initial=num_samples - len(pending), desc=f"{task}@{length}",
+        results_file = results_path(run.out_dir, length, task, run.args.method)
+        run.out_path = sharding.part_path(results_file, shard)  # the file itself for one process
+        run.done = sharding.done_ids(results_file, "index", shard)  # in the file or any part of it
+    owned = [i for i in range(num_samples) if shard.owns(i)]
+    pending = sorted({i for run in runs for i in owned if i not in run.done})
+    progress = tqdm(total=len(owned), initial=len(owned) - len(pending), desc=f"{task}@{length}",
                     unit="sample", postfix=f"{len(runs)} method x budget" if len(runs) > 1 else None)
     for start in range(0, len(pending), batch_size):
         batch = [get_sample(i) for i in pending[start:start + batch_size]]
@@ -161,9 +165,10 @@ def main(argv=None) -> None:
         results_dir.check_settings(run.out_dir, run.settings, fingerprint)
     paths = [results_path(run.out_dir, length, task, run.args.method)
              for run in runs for length in lengths for task in tasks]
-    with results_dir.locked(paths):
+    shard = sharding.current_shard()
+    with results_dir.locked(paths, shard):
         predict.set_seed(args.seed)
-        model, tokenizer = predict.load_model_and_tokenizer(args)
+        model, tokenizer = predict.load_model_and_tokenizer(args, shard)
         chat = predict.uses_chat_template(tokenizer, args.chat_template)
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_positions and max(lengths) > max_positions:
@@ -175,9 +180,11 @@ def main(argv=None) -> None:
                 "tokens_to_generate": {t: tokens_to_generate(t) for t in tasks},
                 "data_dir": args.data_dir, "decoding": "greedy",
                 "data_sources": {f"{length}/{task}": data_source(args, task, length)
-                                 for length in lengths for task in tasks}}
+                                 for length in lengths for task in tasks},
+                **placement.placement_record(model, args, shard)}
         for run in runs:
-            predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
+            if shard.rank == 0:  # one writer per invocation, however many processes share it
+                predict.write_run_meta(run.out_dir, run.args, meta, run.settings)
             print(f"RULER {run.args.method} budget {predict.budget_name(run.args)}; chat template: "
                   f"{'yes' if chat else 'no'}; results -> {run.out_dir}", file=sys.stderr, flush=True)
 
@@ -186,7 +193,8 @@ def main(argv=None) -> None:
             for task in tasks:
                 get_sample = sample_getter(args, tokenizer, task, length, chat, pregenerated[(length, task)],
                                            resolved.name)
-                run_task(runs, model, tokenizer, task, length, tqdm, get_sample, args.eval_batch_size)
+                run_task(runs, model, tokenizer, task, length, tqdm, get_sample, args.eval_batch_size, shard)
+    sharding.merge_at_end(paths, "index", shard)
 
 
 if __name__ == "__main__":

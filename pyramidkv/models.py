@@ -169,12 +169,14 @@ def local_checkpoint(resolved: ResolvedModel, log=print) -> tuple[str, str | Non
         return folder, file
 
 
-def load_pretrained(resolved: ResolvedModel, dtype, attn_implementation: str, log=print):
-    """(model, tokenizer) from a resolved model, in eval mode on the CPU."""
+def load_pretrained(resolved: ResolvedModel, dtype, attn_implementation: str, log=print, **placement):
+    """(model, tokenizer) from a resolved model, in eval mode on the CPU (placement: from_pretrained's
+    device_map / max_memory / offload_folder, see pyramidkv.placement)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf_file = local_checkpoint(resolved, log=log)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra,
+                                                 **placement)
     return model.eval(), tokenizer

@@ -82,6 +82,8 @@ def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", 
         lists=("compress_ratio", "keep_ratio") if sweep else ())
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on cuda, else float32 (default: auto)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available (default: auto)")
+    from .placement import add_placement_args  # here, not at the top: placement imports CLIError from us
+    add_placement_args(g)
     g.add_argument("--seed", type=int, default=42, help="random seed (RULER: also of the samples) (default: 42)")
     g.add_argument("--eval_batch_size", type=int, default=1, help="prompts per generate call (left padded) (default: 1)")
     g.add_argument("--num_threads", type=int, default=None,
@@ -165,6 +167,9 @@ def validate_run_args(args) -> None:
         raise CLIError("--attn_implementation flash_attention_2 needs the flash-attn package "
                        "(pip install -e .[flash]); choose eager or sdpa instead")
     resolve_device(args.device)
+    from .placement import validate_placement
+    from .sharding import current_shard
+    validate_placement(args, current_shard())
 
 
 def resolve_model(args) -> "models.ResolvedModel":
@@ -219,14 +224,19 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_model_and_tokenizer(args):
-    """Load the causal LM and its tokenizer, ready for left-padded greedy batches."""
+def load_model_and_tokenizer(args, shard=None):
+    """Load the causal LM and its tokenizer, ready for left-padded greedy batches: on --device (a
+    sharded run's process on its own GPU), or placed by --device_map (pyramidkv.placement)."""
+    from . import placement, sharding
+    shard = sharding.current_shard() if shard is None else shard
+    placement.validate_placement(args, shard)
     resolved = resolve_model(args)
     if args.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise CLIError("--attn_implementation flash_attention_2 needs the flash-attn package "
                        "(pip install -e .[flash]); choose eager or sdpa instead")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    device = placement.process_device(device, shard)
     threads = getattr(args, "num_threads", None)
     if threads is not None:
         if threads < 1:
@@ -235,11 +245,14 @@ def load_model_and_tokenizer(args):
         torch.set_num_threads(threads)
     try:
         model, tokenizer = models.load_pretrained(
-            resolved, dtype, args.attn_implementation, log=lambda m: print(m, file=sys.stderr, flush=True))
+            resolved, dtype, args.attn_implementation, log=lambda m: print(m, file=sys.stderr, flush=True),
+            **placement.load_kwargs(args))
     except (OSError, ValueError, KeyError) as err:  # transformers' messages span lines: keep the first
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIError(f"cannot load model {args.model_path!r} ({resolved.describe()}): {first_line}") from err
-    model.to(device).eval()
+    if not placement.load_kwargs(args):  # a placed model stays where its device map put each layer
+        model.to(device)
+    model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -320,7 +333,8 @@ def encode_prompts(model, tokenizer, prompts: list[str]):
     bos = tokenizer.bos_token
     add_special = not (bos and all(p.startswith(bos) for p in prompts))
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-    return inputs.to(model.device)
+    from .placement import input_device
+    return inputs.to(input_device(model))
 
 
 def generation_kwargs(model, tokenizer, stop_strings: list[str] | None = None) -> dict:

@@ -23,6 +23,7 @@ import sys
 
 from .predict import REPO_ROOT as _REPO_ROOT
 from .predict import CLIError
+from .sharding import Shard, part_path, results_file_of
 
 RUN_META = "run_meta.json"
 LOCK_SUFFIX = ".lock"
@@ -145,7 +146,8 @@ def method_results_files(directory: str, method: str) -> list[str]:
             continue  # results.json / run_meta.json live at the top
         for name in sorted(files):
             path = os.path.join(root, name)
-            if name.endswith(".json") and same_method(name[:-5], method) and os.path.getsize(path) > 0:
+            stem = results_file_of(name)  # a sharded run's part files count as its results files
+            if stem.endswith(".json") and same_method(stem[:-5], method) and os.path.getsize(path) > 0:
                 found.append(path)
     return found
 
@@ -269,33 +271,44 @@ def _holder(lock_path: str) -> str:
     return text[:200] or "unknown process"
 
 
+def _acquire(lock_path: str, exclusive: bool, path: str, who: str) -> int:
+    """An fd holding lock_path (exclusive or shared, non-blocking); one-line error naming the holder."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise CLIError(f"cannot create lock file {lock_path}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CLIError(f"{path} is being written by another run ({_holder(lock_path)}); wait for it "
+                       "to finish or pass another --save_dir") from None
+    if exclusive:  # shared holders (a sharded run's processes) leave the first one's line
+        os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} ({who}): {' '.join(sys.argv)}\n".encode())
+    return fd
+
+
 @contextlib.contextmanager
-def locked(paths: list[str]):
+def locked(paths: list[str], shard=None):
     """Hold `{path}.lock` for every results file a run will write, for the whole run.
 
-    Non-blocking: when another run holds one, fail at once naming its pid and command. The lock file
-    says who holds it and is left in place (the kernel drops a dead holder's lock, so a stale file
-    never blocks; removing it could race with a run that just opened it)."""
+    One process: exclusively. A process of a sharded run (pyramidkv.sharding): `{path}.lock` shared (the
+    other processes hold it too, a one-process run or a merge cannot start) and its own part file's
+    `.lock` exclusively. Non-blocking: when another run holds one, fail at once naming its pid and
+    command. Lock files say who holds them and are left in place (the kernel drops a dead holder's
+    lock, so a stale file never blocks; removing it could race with a run that just opened it)."""
+    shard = shard or Shard()
     held = []
     try:
         for path in dict.fromkeys(paths):  # a task or dataset named twice is one file
             if os.path.isdir(path):
                 raise CLIError(f"results file {path} is a directory; remove it or pass another --save_dir")
             make_dirs(os.path.dirname(os.path.abspath(path)))
-            lock_path = path + LOCK_SUFFIX
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                raise CLIError(f"cannot create lock file {lock_path}: {err.strerror or err}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise CLIError(f"{path} is being written by another run ({_holder(lock_path)}); wait for it "
-                               "to finish or pass another --save_dir") from None
-            held.append(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode())
+            held.append(_acquire(path + LOCK_SUFFIX, not shard.sharded, path, shard.describe()))
+            if shard.sharded:
+                part = part_path(path, shard)
+                held.append(_acquire(part + LOCK_SUFFIX, True, part, shard.describe()))
         yield
     finally:
         for fd in held:
