@@ -6,7 +6,9 @@
 
 LongBench tree: {results_dir}/{dataset}/{method}.json; RULER tree: {results_dir}/{length}/{task}/
 {method}.json. Method names are the file names as found. Malformed or non-UTF-8 lines are reported with
-file:line and skipped (never counted as zero); repeated ids are counted once. A tree that holds both
+file:line and skipped (never counted as zero); repeated ids are counted once. Part files a sharded run
+left ({method}.json.part{r}of{N}, pyramidkv/sharding.py) are merged into {method}.json first (or, while
+a run still writes them, scored as they are). A tree that holds both
 LongBench and RULER results is refused unless --benchmark picks one (the runners default to separate
 roots, results_long_bench/ and results_ruler/). The table is printed before results.json/.csv are
 written; when they cannot be written (read-only directory) a one-line warning says so.

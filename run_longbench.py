@@ -11,7 +11,10 @@ lists of methods and budgets write one such directory per budget (FullKV once, u
 and prefill each prompt once for all of them (predict.generate_many: the same predictions as one run
 each).
 Everything (flags, method config, model path, data files, save dir, earlier results) is checked before
-the model loads. Score with: python eval.py --results_dir {save_dir}/{model_name}_{budget}
+the model loads. Sharded (pyramidkv/sharding.py): under `accelerate launch --num_processes N
+run_longbench.py ...` (or torchrun) process r predicts the i-th distinct _id of each dataset when
+i % N == r, into {method}.json.part{r}of{N}; the last process (or eval.py) merges the parts.
+--device_map auto [--max_memory ...] splits a large model over devices (pyramidkv/placement.py). Score with: python eval.py --results_dir {save_dir}/{model_name}_{budget}
 """
 from __future__ import annotations
 

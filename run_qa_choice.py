@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    from pyramidkv.sharding import refuse_sharding
+    refuse_sharding("run_qa_choice.py")
     import pyramidkv
     from pyramidkv import predict, qa_choice, summarization, summary_report
     from pyramidkv.result_files import append_jsonl

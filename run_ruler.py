@@ -11,7 +11,11 @@ Samples come from {data_dir}/{length}/{task}.jsonl when --data_dir holds them (w
 line per sample: pred, outputs, length, index, depth; appended and flushed; a
 rerun with the same settings skips finished indices, one with other settings is refused:
 pyramidkv/results_dir.py) and run_meta.json. Flags, method config, model path, data files, save dir and
-earlier results are all checked before the model loads. Score with:
+earlier results are all checked before the model loads. Sharded (pyramidkv/sharding.py): under
+`accelerate launch --num_processes N run_ruler.py ...` (or torchrun) process r predicts the sample
+indices i with i % N == r into {method}.json.part{r}of{N}; the last process to finish (or eval.py)
+merges the parts into {method}.json. --device_map auto [--max_memory 0=20GiB,cpu=64GiB] splits a
+large model over devices (pyramidkv/placement.py). Score with:
     python eval.py --results_dir {save_dir}/{model_name}_{budget}
 """
 from __future__ import annotations

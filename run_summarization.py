@@ -157,6 +157,8 @@ def resolve_model(args, predict) -> tuple[str, str | None]:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    from pyramidkv.sharding import refuse_sharding
+    refuse_sharding("run_summarization.py")
     import pyramidkv
     from pyramidkv import predict, summarization, summary_report
 

@@ -7,7 +7,9 @@ prediction). A rerun with the same setting resumes (finished ids are skipped); a
 setting while that method's results files exist is refused with the differing settings, since
 resuming would mix predictions made two ways in one file. Other methods may join the directory.
 While a run writes a results file it holds `{file}.lock` (fcntl, non-blocking), so a second run of
-the same method into the same file fails at once and is told who holds it.
+the same method into the same file fails at once and is told who holds it. The processes of a sharded
+run (pyramidkv.sharding) hold that lock shared and each its own part file's lock exclusively; their part
+files ({file}.part{r}of{N}) count as results files of the method here.
 """
 from __future__ import annotations
 

@@ -76,6 +76,14 @@ def current_shard(environ=None) -> Shard:
     return Shard(rank, world, local_rank, local_world)
 
 
+def refuse_sharding(runner: str, environ=None) -> None:
+    """For a runner that does not split its samples: two launched processes would write one file."""
+    shard = current_shard(environ)
+    if shard.sharded:
+        raise CLIError(f"{runner} does not split its samples across processes ({shard.describe()}); run it as "
+                       "one process (python ...), or use run_longbench.py / run_ruler.py under accelerate launch")
+
+
 # ---- files --------------------------------------------------------------------------------------
 def part_path(path: str, shard: Shard) -> str:
     """Where `shard` writes the records of results file `path`."""

@@ -214,3 +214,12 @@ def test_longbench_two_processes_predict_what_one_does(tmp_path):
         assert proc.returncode == 0, err.decode()[-2000:]
     one = _tree(str(tmp_path / "one"), "_id")
     assert len(one) == 3 and _tree(str(tmp_path / "two"), "_id") == one
+
+
+@pytest.mark.parametrize("runner", ["run_summarization", "run_qa_choice"])
+def test_runners_that_do_not_split_refuse_a_launch(runner, monkeypatch):
+    module = __import__(runner)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(CLIError, match=f"{runner}.py does not split its samples"):
+        module.main([])
