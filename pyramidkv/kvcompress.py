@@ -9,7 +9,9 @@ CompressedCache holding a whole prompt, or a list of (key, value) tensors [B, he
 the method of that name (pyramidkv/methods/cs3602.py) and returns a pyramidkv.CompressedCache: it keeps
 each token's true position, so decode with it inside `pyramidkv.compress(model, "fullkv")` (or any
 pyramidkv patch), whose attention hook sizes the mask per layer. Unknown parameters are an error (the
-original ignores them). `evaluate_with_compression` (perplexity) is not here.
+original ignores them). `evaluate_with_compression(model, tokenizer, text, compress_fn=...,
+compress_kwargs=...)` is CS3602's evaluation: teacher-forced perplexity and next-token accuracy over the
+text with the function's method applied to the cache after every token (pyramidkv/ppl.py).
 """
 
 from __future__ import annotations
@@ -99,4 +101,31 @@ def get_compress_fn(name: str):
     return COMPRESS_METHODS[name]
 
 
-__all__ = [*FUNCTION_NAMES.values(), "COMPRESS_METHODS", "compress_cache", "get_compress_fn", "list_methods"]
+def evaluate_with_compression(model, tokenizer, text: str, compress_fn=None, compress_kwargs: dict | None = None,
+                              num_eval_tokens: int | None = None, progress: bool = False) -> dict:
+    """CS3602's evaluation: the text fed one token at a time, the cache compressed by `compress_fn`'s method
+    (one of this module's functions, or a registry name; None = the full cache) after every token;
+    returns perplexity, accuracy, ttft_s, tpot_s, throughput_tok_s, kv_cache_tokens, kv_cache_bytes.
+    `num_eval_tokens`: predictions (None: the whole text, at most 2000, CS3602's count)."""
+    from . import ppl
+
+    method = None
+    if compress_fn is not None:
+        name = compress_fn if isinstance(compress_fn, str) else getattr(compress_fn, "__name__", None)
+        by_function = {function: registry for registry, function in FUNCTION_NAMES.items()}
+        method = by_function.get(name, name if name in FUNCTION_NAMES else None)
+        if method is None:
+            raise ValueError(f"compress_fn={compress_fn!r} is not a pyramidkv.kvcompress function; valid choices: "
+                             f"{', '.join(FUNCTION_NAMES.values())} (or their registry names)")
+    config = {**(compress_kwargs or {}), "compress_interval": (compress_kwargs or {}).get("compress_interval", 1)}
+    if method is not None:
+        build_method(method, **config)  # bad settings: a one-line error before any forward
+    if num_eval_tokens is None:
+        available = len(tokenizer(text, add_special_tokens=True)["input_ids"]) - 1 if text else 0
+        num_eval_tokens = max(1, min(2000, available))
+    ids = ppl.token_ids_for(tokenizer, text, num_eval_tokens)
+    return ppl.evaluate_ids(model, ids, method, config if method else None, progress=progress)
+
+
+__all__ = [*FUNCTION_NAMES.values(), "COMPRESS_METHODS", "compress_cache", "evaluate_with_compression",
+           "get_compress_fn", "list_methods"]
