@@ -170,6 +170,10 @@ def check_settings(directory: str, settings: dict, fingerprint: str | None, meta
         return  # nothing to mix with: the new setting replaces the old entry
     entry = next((e for k, e in meta.items() if same_method(k, method)), None)
     delete = f"delete its {len(files)} results file(s) ({files[0]}{', ...' if len(files) > 1 else ''})"
+    if (entry is None or "settings" not in entry) and all(".part" in os.path.basename(f) for f in files):
+        # only part files and no record yet: another process of this same sharded launch started
+        # predicting before process 0 wrote run_meta.json (it always does, before predicting itself)
+        return
     if entry is None or "settings" not in entry:
         raise CLIError(f"{directory} holds {method} results without a record of their settings in "
                        f"{RUN_META}; pass another --save_dir, or {delete} to start over")
