@@ -272,7 +272,7 @@ class CompressedCache(Cache):
         seq_len = keys.shape[-2]
         padding = None
         if self.padding_mask is not None and not bool(self.padding_mask[:, -seq_len:].all()):
-            padding = self.padding_mask[:, -seq_len:].bool()
+            padding = self.padding_mask[:, -seq_len:].to(keys.device).bool()  # layers may sit on other devices (device_map)
         inputs = PrefillInputs(query, keys, values, padding, layer_idx, len(self.layers), scaling)
         lengths = inputs.real_lengths()
         if self._row_budgets is None or layer_idx == 0:
