@@ -180,3 +180,23 @@ def load_pretrained(resolved: ResolvedModel, dtype, attn_implementation: str, lo
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra,
                                                  **placement)
     return model.eval(), tokenizer
+
+
+def main(argv=None) -> int:
+    """`python -m pyramidkv.models NAME`: print the name results directories use for a model
+    (smollm2 -> SmolLM2-135M-Instruct), or one `error: ...` line and exit 2; the shell scripts use it."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pyramidkv.models MODEL   (prints the model's results-directory name)", file=sys.stderr)
+        return 2
+    try:
+        print(resolve_model(argv[0]).name)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

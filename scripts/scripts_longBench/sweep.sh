@@ -40,12 +40,7 @@ fi
 save_dir=${SAVE_ROOT:-.}
 save_dir=${save_dir%/}/results_long_bench
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct)
-model_name=$("$PYTHON" -c "import sys
-from pyramidkv.models import resolve_model
-try:
-    print(resolve_model(sys.argv[1]).name)
-except ValueError as err:
-    sys.exit(f'error: {err}')" "$model_path") || exit 2
+model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
 
 # shellcheck disable=SC2086  # the *_flag variables and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_longbench.py" --method "$(echo $methods | tr ' ' ',')" --model_path "$model_path" \

@@ -47,12 +47,7 @@ tasks=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_mu
 save_dir=${source_path%/}/results_ruler
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
 # run_ruler.py names it; a one-line error for a model that resolves to nothing
-model_name=$("$PYTHON" -c "import sys
-from pyramidkv.models import resolve_model
-try:
-    print(resolve_model(sys.argv[1]).name)
-except ValueError as err:
-    sys.exit(f'error: {err}')" "$model_path") || exit 2
+model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
 results_dir=$save_dir/${model_name}_$max_capacity_prompts
 
 # shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose

@@ -42,7 +42,7 @@ fi
 save_dir=${SAVE_ROOT:-.}
 save_dir=${save_dir%/}/results_ruler
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct)
-model_name=$("$PYTHON" -c "import sys; from pyramidkv.models import resolve_model; print(resolve_model(sys.argv[1]).name)" "$model_path")
+model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
 
 # shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_ruler.py" --method "$(echo $methods | tr ' ' ',')" --model_path "$model_path" \
