@@ -243,7 +243,7 @@ class CompressedCache(Cache):
         """`config`: the model's config, or its number of decoder layers (pyramidkv.compress_cache)."""
         self.method = build_method(method, **method_config)
         num_layers = config if isinstance(config, int) else config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[CompressedLayer() for _ in range(num_layers)])
+        super().__init__(layers=[self.method.new_layer(i, num_layers) for i in range(num_layers)])
         self.padding_mask: torch.Tensor | None = None  # 2-D mask of the current forward
         self._row_budgets: list[list[int]] | None = None  # [row][layer], from each row's real length
 

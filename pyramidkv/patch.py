@@ -208,6 +208,7 @@ def _forward_with_compression(original_forward, get_method):
             if not isinstance(cache, CompressedCache):
                 cache = CompressedCache(get_method(model), model.config)
             check_attention_implementation(model.config, cache.method)
+            cache.method.prepare_model(model)
             if cache is not argument(args, kwargs, "past_key_values"):
                 position = parameters.index("past_key_values")
                 if position < len(args):

@@ -193,6 +193,18 @@ class KVMethod:
         return max(1, math.ceil(kept * seq_len - 1e-9))  # 1e-9: (1 - 0.4) * 10 is 6, not 6.000...1
 
     # ---- what subclasses override -------------------------------------------------------------
+    def new_layer(self, layer_idx: int, num_layers: int):
+        """The storage of one cache layer (DESIGN §6): dense K/V here; a storage option or a method
+        with its own layout (quantized, per-head, latent) returns its CompressedLayer subclass."""
+        from ..cache import CompressedLayer  # late: the cache imports the methods
+
+        return CompressedLayer()
+
+    def prepare_model(self, model) -> None:
+        """Called by the patched forward before every forward of `model` (the base model, e.g.
+        LlamaModel): a method that needs the model's weights or changes its projections sets them up
+        here, idempotently. Nothing by default."""
+
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
         """Tokens kept per layer (window included) for a prompt of `seq_len` real tokens; uniform by
         default. In a batch this is called once per row, with that row's real length."""
