@@ -5,7 +5,7 @@
     python run_ppl.py --method l2_compress --keep_ratios 1.0,0.8,0.5
     python run_ppl.py --method fix_size_l2 --fix_kv_sizes 256,512 --strategies keep_low
     python run_ppl.py --method h2o_l2 --heavy_hitter_sizes 32,64,128
-    python run_ppl.py --method h2o --cache_sizes 512,1024          # H2O as published; also tova, recent_only
+    python run_ppl.py --method h2o --cache_sizes 512,1024          # H2O as published; also cam, tova, recent_only
     python run_ppl.py --compare_all                                 # CS3602's table at cache sizes 512 and 1024
     python run_ppl.py --method streamingllm --start_size 32 --recent_size 32 --num_samples 10   # CaM's flags
 
@@ -23,10 +23,10 @@ import os
 import sys
 
 BASELINE_NAMES = ("fullkv", "dense", "baseline", "full")
-SIZED_METHODS = ("streaming_llm", "recent_only", "h2o", "tova", "snapkv_lite", "pyramid_kv", "adaptive_l2",
+SIZED_METHODS = ("streaming_llm", "recent_only", "h2o", "cam", "tova", "snapkv_lite", "pyramid_kv", "adaptive_l2",
                  "fix_size_l2", "h2o_l2")
 COMPARE_METHODS = ("recent_only", "streaming_llm", "h2o_l2", "snapkv_lite", "pyramid_kv", "adaptive_l2",
-                   "fix_size_l2", "h2o", "tova")
+                   "fix_size_l2", "h2o", "cam", "tova")
 METRICS = ("perplexity", "accuracy", "ttft_s", "tpot_s", "throughput_tok_s", "kv_cache_tokens", "kv_cache_bytes")
 
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_path", "--model_name_or_path", dest="model_path", default="smollm2",
                    help="smollm2 (default, SmolLM2-135M-Instruct), tiny, a checkpoint dir, a .gguf file or a hub id")
     p.add_argument("--method", default="streaming_llm",
-                   help="fullkv (the full cache), streaming_llm (= streamingllm), recent_only, h2o, tova, or a "
+                   help="fullkv (the full cache), streaming_llm (= streamingllm), recent_only, h2o, cam, tova, or a "
                         "CS3602 method: l2_compress, fix_size_l2, h2o_l2, snapkv_lite, pyramid_kv, adaptive_l2")
     p.add_argument("--compare_all", action="store_true",
                    help="the baseline and every method at --cache_sizes (default 512,1024); prints CS3602's table")
@@ -107,7 +107,7 @@ def sized_config(method: str, size: int, args) -> dict:
         return {"start_size": start, "recent_size": size - start, **interval, **_skip_layers(args)}
     if method == "recent_only":
         return {"window_size": size, **interval, **_skip_layers(args)}
-    if method == "h2o":
+    if method in ("h2o", "cam"):  # CaM: H2O's decode eviction, evicted values merged (methods/cam.py)
         return {"max_cache_size": size, "window_size": args.window_size or size // 2, **interval}
     if method == "tova":
         return {"max_cache_size": size, **interval}

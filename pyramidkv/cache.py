@@ -298,7 +298,7 @@ class CompressedCache(Cache):
         layer.decode_forwards += 1
         with torch.no_grad():
             decode = DecodeInputs(query, layer.keys, layer.values, self._hidden_slots(layer), layer.attention_bias(),
-                                  layer_idx, len(self.layers), scaling, layer.decode_state)
+                                  layer_idx, len(self.layers), scaling, layer.decode_state, layer.decode_forwards)
             self.method.decode_observe(decode)
             if layer.decode_forwards % (self.method.compress_interval or 1):
                 return

@@ -70,7 +70,7 @@ def test_manual_loop_short_prompt_grows_then_rolls():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("method,config", [("streamingllm", {"sink_size": SINKS}), ("h2o", {"window_size": 4}),
-                                           ("tova", {})])
+                                           ("tova", {}), ("cam", {"window_size": 4, "seed": 2})])
 def test_padded_batch_rows_equal_single_runs(attn, method, config):
     model = tiny_model(attn=attn)
     long, short = prompt(PROMPT, seed=2), prompt(10, seed=3)  # the short row fills its cache while decoding
@@ -89,7 +89,7 @@ def test_padded_batch_rows_equal_single_runs(attn, method, config):
 
 @pytest.mark.parametrize("method,config", [("streamingllm", {"sink_size": 4}), ("h2o", {"window_size": 8}),
                                            ("tova", {}), ("recent_only", {"window_size": 32, "skip_layers": ()}),
-                                           ("l2norm", {}), ("fix_size_l2", {"fix_kv_size": 32, "keep_ratio": 0.25, "skip_layers": ()})])
+                                           ("cam", {"window_size": 8}), ("l2norm", {}), ("fix_size_l2", {"fix_kv_size": 32, "keep_ratio": 0.25, "skip_layers": ()})])
 def test_constant_memory_over_1000_decode_steps(method, config):
     model = tiny_model(layers=2)
     decoding = {"compress_interval": 1} if method in ("recent_only", "fix_size_l2") else {"max_cache_size": 32}

@@ -42,6 +42,7 @@ class DecodeInputs:
     num_layers: int
     scaling: float
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # per-slot method state [B, H, P]
+    step: int = 0  # decode forwards of this layer since prefill, this one included (seeds CaM's draws)
 
     @property
     def slots(self) -> int:
