@@ -127,13 +127,29 @@ def sizes_own_cache(method: str) -> bool:
 def budget_name(args) -> str:
     """The budget in a results directory name ({save_dir}/{model}_{budget}): tokens ("128", as before),
     "compress0.4" / "keep0.6" for a ratio, "own" for a method that sizes its cache itself (its size
-    parameters are in the stored settings)."""
+    parameters are in the stored settings); "128_kivi4" when quantized (see _quant_words)."""
+    return _budget_words(args) + _quant_words(args)
+
+
+def _budget_words(args) -> str:
     if sizes_own_cache(args.method):
         return "own"
     for flag, word in (("compress_ratio", "compress"), ("keep_ratio", "keep")):
         if getattr(args, flag, None) is not None:
             return f"{word}{getattr(args, flag):g}"
     return str(args.max_capacity_prompts)
+
+
+def _quant_words(args) -> str:
+    """"_kivi4" (and "_g64" / "_r16" for a non-default group_size / residual_length) when quantized, so
+    quantized results never share a directory name with unquantized ones; "" otherwise."""
+    if getattr(args, "quant_method", None) in (None, "none"):
+        return ""
+    words = f"_{args.quant_method}{getattr(args, 'nbits', None) or 4}"
+    for flag, letter in (("group_size", "g"), ("residual_length", "r")):
+        if getattr(args, flag, None) not in (None, 32):
+            words += f"_{letter}{getattr(args, flag)}"
+    return words
 
 
 def method_config(args) -> dict:

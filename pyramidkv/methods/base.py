@@ -93,6 +93,11 @@ class KVMethod:
     # compression while decoding (methods/decode.py): None/None = prefill only
     max_cache_size: int | None = None  # tokens each layer / KV head holds at most while decoding
     compress_interval: int | None = None  # act every this many decode forwards (default 1 when on)
+    # what each kept entry costs (pyramidkv/quant.py): "none" or "kivi" (nbits-bit codes, KIVI's layout)
+    quant_method: str = "none"
+    nbits: int = 4
+    group_size: int = 32
+    residual_length: int = 32  # latest tokens kept in full precision (at least window_size)
 
     # True for a method with a decode-time rule (key-only ones: their prefill rule re-applied)
     has_decode_form: ClassVar[bool] = False
@@ -100,6 +105,8 @@ class KVMethod:
     def __post_init__(self):
         self._check_budget()
         self._check_decode()
+        from ..quant import check_quant_config  # late: quant imports the cache, which imports the methods
+        check_quant_config(self)
         for field in ("window_size", "kernel_size"):
             _check_positive_int(field, getattr(self, field))
         if self.max_capacity_prompt is not None and self.max_capacity_prompt <= self.window_size:
@@ -197,8 +204,9 @@ class KVMethod:
         """The storage of one cache layer (DESIGN §6): dense K/V here; a storage option or a method
         with its own layout (quantized, per-head, latent) returns its CompressedLayer subclass."""
         from ..cache import CompressedLayer  # late: the cache imports the methods
+        from ..quant import quantized_layer_for
 
-        return CompressedLayer()
+        return quantized_layer_for(self) or CompressedLayer()
 
     def prepare_model(self, model) -> None:
         """Called by the patched forward before every forward of `model` (the base model, e.g.

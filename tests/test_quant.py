@@ -1,0 +1,192 @@
+"""KIVI quantization storage (pyramidkv/quant.py): codes, error bound, bytes, logits, batches, errors."""
+
+import argparse
+
+import pytest
+import torch
+
+import pyramidkv
+from pyramidkv.method_flags import budget_name
+from pyramidkv.quant import QuantizedLayer, pack, unpack
+from conftest import greedy, prompt, tiny_model
+
+# the tiny models have head_dim 16: groups of 8 channels / tokens
+QUANT = {"quant_method": "kivi", "group_size": 8, "residual_length": 16}
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_pack_unpack_roundtrip(nbits):
+    codes = torch.randint(0, 2 ** nbits, (3, 5, 16), dtype=torch.uint8)
+    packed = pack(codes, nbits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == 16 * nbits // 8
+    assert torch.equal(unpack(packed, nbits), codes)
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_dequantization_error_within_half_a_step_per_group(nbits):
+    torch.manual_seed(0)
+    keys, values = torch.randn(1, 2, 32, 16) * 3, torch.randn(1, 2, 32, 16)
+    layer = QuantizedLayer(nbits, group_size=8, full_precision=0)
+    layer.update(keys, values)
+    layer.store_compressed(keys, values, [32], [32])
+    assert layer.rows[0].residual_keys.shape[1] == 0  # everything quantized
+    levels = 2 ** nbits - 1
+    key_groups = keys.reshape(1, 2, 4, 8, 16)  # per channel, over groups of 8 tokens
+    key_step = (key_groups.amax(3, keepdim=True) - key_groups.amin(3, keepdim=True)) / levels
+    key_error = (layer.keys - keys).abs().reshape(1, 2, 4, 8, 16)
+    assert bool((key_error <= key_step / 2 * (1 + 1e-4) + 1e-6).all())
+    value_groups = values.reshape(1, 2, 32, 2, 8)  # per token, over groups of 8 channels
+    value_step = (value_groups.amax(4, keepdim=True) - value_groups.amin(4, keepdim=True)) / levels
+    value_error = (layer.values - values).abs().reshape(1, 2, 32, 2, 8)
+    assert bool((value_error <= value_step / 2 * (1 + 1e-4) + 1e-6).all())
+    assert key_error.max() > 0  # it really was quantized
+
+
+def _expected_bytes(tokens, batch, heads, dim, nbits, group, full_precision, element=4):
+    quantized = max(0, (tokens - full_precision) // group) * group
+    residual = tokens - quantized
+    codes = 2 * quantized * dim * nbits // 8  # keys + values
+    key_stats = 2 * (quantized // group) * dim * element  # min + scale per channel and token group
+    value_stats = 2 * quantized * (dim // group) * element  # min + scale per token and channel group
+    return batch * heads * (codes + key_stats + value_stats + 2 * residual * dim * element)
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_nbytes_formula_exact_after_prefill_and_decoding(nbits):
+    model = tiny_model()
+    with torch.no_grad(), pyramidkv.compress(model, "snapkv", max_capacity_prompt=40, nbits=nbits, **QUANT):
+        out = greedy(model, prompt(90), new_tokens=13)
+    cache = out.past_key_values
+    # 40 kept + 12 decoded tokens stored (the last new token is not fed back)
+    per_layer = _expected_bytes(52, 1, 2, 16, nbits, 8, 16)
+    assert cache.nbytes() == 3 * per_layer
+    dense = 3 * 2 * 2 * 52 * 16 * 4
+    assert cache.nbytes() < dense
+
+
+def test_decode_flushes_residual_one_group_at_a_time():
+    keys, values = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    layer = QuantizedLayer(4, group_size=8, full_precision=10)
+    layer.update(keys, values)
+    layer.store_compressed(keys, values, [20], [20])
+    seen = []
+    for _ in range(10):
+        row = layer.rows[0]
+        seen.append((row.key_codes.shape[1], row.residual_keys.shape[1]))
+        layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    # residual grows to full_precision + group_size - 1 = 17, then 8 tokens are quantized at once
+    assert seen == [(8, 12), (8, 13), (8, 14), (8, 15), (8, 16), (8, 17), (16, 10), (16, 11), (16, 12), (16, 13)]
+    assert layer.physical_length == 30 and layer.keys.shape == (1, 2, 30, 16)
+
+
+@pytest.mark.parametrize("method,config", [("fullkv", {}), ("snapkv", {"max_capacity_prompt": 48})])
+def test_8bit_logits_match_unquantized_within_1e_2(method, config):
+    model = tiny_model()
+    ids = prompt(100)
+    with torch.no_grad(), pyramidkv.compress(model, method, **config):
+        reference = greedy(model, ids, new_tokens=30)
+    errors = {}
+    for nbits in (8, 2):
+        with torch.no_grad(), pyramidkv.compress(model, method, **config, nbits=nbits, **QUANT):
+            out = greedy(model, ids, new_tokens=30)
+        steps = [(a, b) for a, b in zip(out.logits, reference.logits)][:10]  # before any divergence at 2 bits
+        errors[nbits] = max(float((a - b).abs().max() / b.abs().max()) for a, b in steps)
+        if nbits == 8:
+            assert torch.equal(out.sequences, reference.sequences)
+            assert max(float((a - b).abs().max() / b.abs().max())
+                       for a, b in zip(out.logits, reference.logits)) < 1e-2
+    assert errors[2] > errors[8]  # the comparison sees the quantization
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_padded_rows_equal_their_single_runs(attn):
+    model = tiny_model(attn=attn)
+    lengths = (70, 45)
+    singles = [prompt(n, seed=3 + i) for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, single in enumerate(singles):
+        ids[row, width - single.shape[1]:], mask[row, width - single.shape[1]:] = single[0], 1
+    config = {"max_capacity_prompt": 32, "nbits": 4, **QUANT}
+    with torch.no_grad(), pyramidkv.compress(model, "snapkv", **config):
+        batch = greedy(model, ids, new_tokens=20, attention_mask=mask)
+        for row, single in enumerate(singles):
+            alone = greedy(model, single, new_tokens=20)
+            assert torch.equal(batch.sequences[row, width:], alone.sequences[0, single.shape[1]:])
+            for step_batch, step_alone in zip(batch.logits, alone.logits):
+                assert torch.allclose(step_batch[row], step_alone[0], atol=1e-3, rtol=1e-3)
+    kept = batch.past_key_values.layers[0].rows
+    assert [row.tokens for row in kept] == [32 + 19, 32 + 19]  # fillers are not stored
+
+
+def test_batch_reshuffles_move_whole_rows():
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 30, 16), torch.randn(3, 2, 30, 16)
+    layer = QuantizedLayer(4, group_size=8, full_precision=10)
+    layer.update(keys, values)
+    layer.store_compressed(keys, values, [30, 30, 30], [30, 30, 30])
+    view_keys, view_values = layer.keys, layer.values
+    layer.reorder_cache(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.keys, view_keys[[2, 0, 0]]) and torch.equal(layer.values, view_values[[2, 0, 0]])
+    shared = layer.nbytes()
+    layer.batch_select_indices(torch.tensor([0, 1]))
+    assert torch.equal(layer.keys, view_keys[[2, 0]])
+    assert layer.nbytes() == shared  # rows 0 and 2 shared storage after the reorder: counted once
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.keys, view_keys[[2, 2, 0, 0]])
+    layer.update(torch.randn(4, 2, 1, 16), torch.randn(4, 2, 1, 16))  # appends copy: no row changes another
+    assert torch.equal(layer.keys[:, :, :30], view_keys[[2, 2, 0, 0]])
+
+
+def test_beam_search_runs_on_quantized_rows():
+    model = tiny_model()
+    ids = prompt(60)
+    kwargs = {"num_beams": 3, "max_new_tokens": 12, "do_sample": False}
+    with torch.no_grad(), pyramidkv.compress(model, "snapkv", max_capacity_prompt=32):
+        reference = model.generate(ids, **kwargs)
+    # beams of this model are within 0.01 in score, so quantization noise may pick others: a residual longer
+    # than the cache (nothing quantized) must give exactly the dense beams, and a short one must run
+    long_residual = {**QUANT, "residual_length": 100}
+    with torch.no_grad(), pyramidkv.compress(model, "snapkv", max_capacity_prompt=32, nbits=4, **long_residual):
+        assert torch.equal(model.generate(ids, **kwargs), reference)
+    with torch.no_grad(), pyramidkv.compress(model, "snapkv", max_capacity_prompt=32, nbits=4, **QUANT):
+        assert model.generate(ids, **kwargs).shape == reference.shape
+
+
+def test_quantization_off_keeps_the_dense_layer():
+    model = tiny_model()
+    with torch.no_grad(), pyramidkv.compress(model, "snapkv", max_capacity_prompt=32):
+        out = greedy(model, prompt(60), new_tokens=3)
+    assert not any(isinstance(layer, QuantizedLayer) for layer in out.past_key_values.layers)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"quant_method": "hqq"}, "quant_method='hqq' is unknown; valid choices: none, kivi"),
+    ({"quant_method": "kivi", "nbits": 3}, "nbits=3 is invalid; valid choices: 2, 4, 8"),
+    ({"quant_method": "kivi", "group_size": 0}, "group_size=0 is invalid"),
+    ({"quant_method": "kivi", "residual_length": -1}, "residual_length=-1 is invalid"),
+    ({"quant_method": "kivi", "max_cache_size": 64}, "cannot be combined with decode-time eviction"),
+])
+def test_bad_settings_are_one_line_errors(config, message):
+    method = "h2o" if "max_cache_size" in config else "snapkv"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        pyramidkv.build_method(method, **config)
+    assert "\n" not in str(err.value)
+
+
+def test_group_size_not_dividing_head_dim_is_an_error():
+    model = tiny_model()  # head_dim 16
+    with pytest.raises(ValueError, match="group_size=32 does not divide head_dim=16"):
+        with torch.no_grad(), pyramidkv.compress(model, "snapkv", quant_method="kivi"):
+            greedy(model, prompt(60), new_tokens=2)
+
+
+def test_results_directory_names_the_quantization():
+    args = argparse.Namespace(method="SnapKV", max_capacity_prompts=128, quant_method="kivi", nbits=2,
+                              group_size=None, residual_length=None)
+    assert budget_name(args) == "128_kivi2"
+    args.group_size, args.residual_length = 64, 16
+    assert budget_name(args) == "128_kivi2_g64_r16"
+    args.quant_method = None
+    assert budget_name(args) == "128"
