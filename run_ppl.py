@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_sizes", type=_ints, default=None,
                    help="total cache sizes for the sized methods (default: start_size + recent_size)")
     g.add_argument("--enable_pos_shift", action="store_true",
-                   help="positions by cache slot (StreamingLLM/CaM); not implemented here: an error")
+                   help="positions by cache slot (StreamingLLM/CaM): kept tokens renumbered 0..K-1, keys re-rotated")
     g.add_argument("--compress_interval", type=int, default=1, help="compress every this many tokens (default 1)")
     g.add_argument("--window_size", type=int, default=None, help="H2O recent budget (default: half the cache)")
     g = p.add_argument_group("CS3602 method sweeps")
@@ -108,7 +108,8 @@ def sized_config(method: str, size: int, args) -> dict:
     if method == "recent_only":
         return {"window_size": size, **interval, **_skip_layers(args)}
     if method in ("h2o", "cam"):  # CaM: H2O's decode eviction, evicted values merged (methods/cam.py)
-        return {"max_cache_size": size, "window_size": args.window_size or size // 2, **interval}
+        # the prefill budget is the cache size too (the default 128 would be below a recent budget of size / 2)
+        return {"max_cache_size": size, "max_capacity_prompt": size, "window_size": args.window_size or size // 2, **interval}
     if method == "tova":
         return {"max_cache_size": size, **interval}
     own = {"snapkv_lite": "keep_size", "pyramid_kv": "base_size", "adaptive_l2": "target_size",
@@ -126,9 +127,6 @@ def planned_runs(args) -> list[tuple[str, str | None, dict, int | None]]:
     """(label, method or None = full cache, config, cache size) of every run the flags ask for."""
     from pyramidkv.predict import CLIError
 
-    if args.enable_pos_shift:
-        raise CLIError("--enable_pos_shift (positions by cache slot) is not implemented: pyramidkv keeps true "
-                       "positions; drop the flag")
     default_size = args.start_size + args.recent_size
     sizes = args.cache_sizes or ([512, 1024] if args.compare_all else [default_size])
     runs = [("baseline", None, {}, None)]
@@ -173,6 +171,9 @@ def planned_runs(args) -> list[tuple[str, str | None, dict, int | None]]:
                 raise CLIError(str(err)) from None
             for size in sizes:
                 runs.append((f"{name}_{size}", name, {"max_cache_size": size, **interval}, size))
+    if args.enable_pos_shift:  # positions by cache slot (pyramidkv/pos_shift.py)
+        runs = [(f"{label}_posshift", method, {**config, "pos_shift": True}, size) if method else
+                (label, method, config, size) for label, method, config, size in runs]
     return runs
 
 

@@ -36,6 +36,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import pos_shift
 from .methods import KVMethod, PrefillInputs, build_method
 from .methods.base import gather_tokens, repeat_kv
 from .methods.decode import DecodeInputs
@@ -284,6 +285,8 @@ class CompressedCache(Cache):
             stored = self.method.compress(inputs, budgets)  # (keys, values) or (keys, values, slot bias)
             slot_bias = stored[2] if len(stored) > 2 else None
             layer.store_compressed(stored[0], stored[1], budgets, lengths, slot_bias)
+            if self.method.pos_shift:
+                pos_shift.renumber_after_prefill(self, layer, getattr(inputs, "kept_indices", None), budgets)
             if self.method.decodes:
                 layer.decode_state = self.method.decode_prefill_state(inputs, getattr(inputs, "kept_indices", None))
         if layer_idx == len(self.layers) - 1:
@@ -309,7 +312,10 @@ class CompressedCache(Cache):
             keep = self.method.decode_select(decode, budgets)
             if keep is None:
                 return
-            layer.evict(keep, [keep.shape[-1] - b for b in budgets])
+            fillers = [keep.shape[-1] - b for b in budgets]
+            layer.evict(keep, fillers)
+            if self.method.pos_shift:
+                pos_shift.renumber_after_eviction(self, layer, keep, decode.hidden, fillers)
 
     def _hidden_slots(self, layer: CompressedLayer) -> torch.Tensor:
         """[B, P] True = slot holds no token of the row: a filler, or a pad that the 2-D mask hides

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import AttentionInterface
 
 from .attention_masks import _add_slot_bias, _hide_filler_slots
+from . import pos_shift as _pos_shift
 from .cache import ACTIVE_CACHE as _ACTIVE_CACHE
 from .cache import CompressedCache
 from .methods import build_method
@@ -97,6 +98,8 @@ def _compressing_attention(base_attention, kind: str):
         attending = module
         if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
             attending = _StoredHeadsModule(module)
+        if cache.method.pos_shift and not layer.needs_compression:  # positions by slot (pos_shift.py)
+            query = _pos_shift.shift_new_tokens(cache, layer, query)
         output = base_attention(attending, query, key, value, attention_mask, *args, **kwargs)
         if layer.needs_compression:
             scaling = kwargs.get("scaling") or module.scaling
@@ -217,6 +220,8 @@ def _forward_with_compression(original_forward, get_method):
                     kwargs["past_key_values"] = cache
             mask = argument(args, kwargs, "attention_mask")
             cache.padding_mask = mask if mask is not None and mask.dim() == 2 else None
+            if cache.method.pos_shift:
+                args, kwargs = _slot_positions(model, cache, parameters, argument, args, kwargs)
             token = _ACTIVE_CACHE.set(cache)
             try:
                 return original_forward(model, *args, **kwargs)
@@ -226,6 +231,18 @@ def _forward_with_compression(original_forward, get_method):
 
     forward.__pyramidkv_original__ = original_forward
     return forward
+
+
+def _slot_positions(model, cache, parameters, argument, args, kwargs):
+    """pos_shift: the forward's position_ids replaced by the cache's slot ranks (pos_shift.py)."""
+    tokens = argument(args, kwargs, "input_ids")
+    tokens = tokens if tokens is not None else argument(args, kwargs, "inputs_embeds")
+    positions = _pos_shift.set_positions(model, cache, tokens.shape[1], argument(args, kwargs, "position_ids"),
+                                         tokens.device)
+    index = parameters.index("position_ids") if "position_ids" in parameters else len(args)
+    if index < len(args):
+        return (*args[:index], positions, *args[index + 1:]), kwargs
+    return args, {**kwargs, "position_ids": positions}
 
 
 def _check_cache_is_compressible(cache, model) -> None:

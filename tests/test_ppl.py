@@ -124,11 +124,10 @@ def test_runner_writes_json_csv_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--enable_pos_shift"], "--enable_pos_shift"),
     (["--recent_size", "0"], "--recent_size 0 is invalid"),
     (["--method", "streaming_llm", "--cache_sizes", "4"], "recent_size=0 is invalid"),
     (["--method", "snapkv"], "SnapKV has no decode-time form"),
-    (["--method", "h2o", "--cache_sizes", "8", "--window_size", "8"], "max_cache_size=8 must be larger"),
+    (["--method", "h2o", "--cache_sizes", "8", "--window_size", "8"], "=8 must be larger than window_size=8"),
     (["--num_eval_tokens", "100000"], "fewer than num_eval_tokens"),
     (["--dataset_name", "c4"], "dataset_name='c4' is unknown"),
 ])
@@ -145,3 +144,14 @@ def test_comparison_table_has_change_columns():
              "cache_size": 512}
     table = run_ppl.comparison_table({"baseline": base, "streaming_llm_512": other}, [512])
     assert "| streaming_llm_512 |" in table and "+20.0% | +20.0% | +10.0% | +0.0% |" in table
+
+
+@pytest.mark.parametrize("pos_shift", [[], ["--enable_pos_shift"]])
+@pytest.mark.parametrize("method", [*run_ppl.COMPARE_METHODS, "l2_compress", "streamingllm"])
+def test_every_method_plans_at_the_default_sizes(method, pos_shift):
+    """Each documented `run_ppl.py --method M` builds its methods (h2o once failed: default prefill
+    budget 128 below its recent budget of half the cache)."""
+    args = run_ppl.build_parser().parse_args(["--method", method, "--cache_sizes", "512,1024", *pos_shift])
+    runs = run_ppl.planned_runs(args)
+    run_ppl.check_runs(runs)
+    assert runs and all(config.get("pos_shift", False) == bool(pos_shift) for _, _, config, _ in runs)

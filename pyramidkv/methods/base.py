@@ -98,6 +98,7 @@ class KVMethod:
     nbits: int = 4
     group_size: int = 32
     residual_length: int = 32  # latest tokens kept in full precision (at least window_size)
+    pos_shift: bool = False  # positions by cache slot instead of true positions (pyramidkv/pos_shift.py)
 
     # True for a method with a decode-time rule (key-only ones: their prefill rule re-applied)
     has_decode_form: ClassVar[bool] = False
@@ -107,6 +108,10 @@ class KVMethod:
         self._check_decode()
         from ..quant import check_quant_config  # late: quant imports the cache, which imports the methods
         check_quant_config(self)
+        if self.pos_shift:
+            from ..pos_shift import check_method  # late: pos_shift reads the method classes
+
+            check_method(self)
         for field in ("window_size", "kernel_size"):
             _check_positive_int(field, getattr(self, field))
         if self.max_capacity_prompt is not None and self.max_capacity_prompt <= self.window_size:
