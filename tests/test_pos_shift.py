@@ -120,3 +120,8 @@ def test_padded_batch_rows_equal_single_runs(method, config):
 def test_merging_methods_refuse_pos_shift():
     with pytest.raises(ValueError, match="pos_shift=True needs each kept slot's prompt position, which SimCalKV"):
         pyramidkv.build_method("simcalkv", pos_shift=True)
+
+
+def test_quantized_storage_refuses_pos_shift():
+    with pytest.raises(ValueError, match="pos_shift=True re-rotates dense stored keys"):
+        pyramidkv.build_method("snapkv", pos_shift=True, quant_method="kivi")
