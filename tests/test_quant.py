@@ -190,3 +190,20 @@ def test_results_directory_names_the_quantization():
     assert budget_name(args) == "128_kivi2_g64_r16"
     args.quant_method = None
     assert budget_name(args) == "128"
+
+
+def test_eval_scripts_pass_the_quantization_through(tmp_path):
+    import json
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TASKS="niah_single_1", NUM_SAMPLES="1", CONTEXT_LENGTHS="512", QUANT_METHOD="kivi",
+               NBITS="2", RESIDUAL_LENGTH="16")
+    proc = subprocess.run(["sh", os.path.join(root, "scripts", "scripts_ruler", "eval.sh"), "0", "SnapKV", "48",
+                           "sdpa", str(tmp_path), "tiny"], cwd=str(tmp_path), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results_dir = tmp_path / "results_ruler" / "pyramidkv-tiny-llama_48_kivi2_r16"
+    assert list(json.loads((results_dir / "results.json").read_text())["SnapKV"]) == ["512"]
+    run_args = json.loads((results_dir / "run_meta.json").read_text())["SnapKV"]["args"]
+    assert (run_args["quant_method"], run_args["nbits"], run_args["residual_length"]) == ("kivi", 2, 16)

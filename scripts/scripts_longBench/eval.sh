@@ -10,6 +10,11 @@
 # Extra run_longbench.py flags can be passed through the environment: EXTRA_ARGS="--datasets qasper".
 # NUM_THREADS sets torch's CPU threads (default 1 for tiny, where one thread is fastest; torch's own
 # choice otherwise; it does not matter on GPU).
+# KIVI quantization (pyramidkv/quant.py), composable with every method: QUANT_METHOD=kivi (default
+# none), NBITS (2, 4 or 8; default 4), GROUP_SIZE (default 32), RESIDUAL_LENGTH (default 32) become
+# --quant_method/--nbits/--group_size/--residual_length; the results directory then ends in the
+# quantization ({model name}_{capacity}_kivi4, plus _g64 / _r16 for a non-default group / residual), as
+# the runner names it. Give them here rather than in EXTRA_ARGS, so the scored directory matches.
 # Without data/LongBench it runs on the bundled smoke sample data/longbench_smoke (NOT LongBench) and
 # its 16 English sets (29 samples; pass EXTRA_ARGS="--datasets all" for all 21): under a minute with
 # tiny; with smollm2 a QA sample (~600 prompt tokens) took ~35 s on a loaded, shared 2-core CPU and the
@@ -46,15 +51,26 @@ save_dir=${source_path%/}/results_long_bench
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
 # run_longbench.py names it; a one-line error for a model that resolves to nothing
 model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
-results_dir=$save_dir/${model_name}_$max_capacity_prompts
+quant_flags=""
+quant_suffix=""
+[ -n "$QUANT_METHOD" ] && quant_flags="--quant_method $QUANT_METHOD"
+[ -n "$NBITS" ] && quant_flags="$quant_flags --nbits $NBITS"
+[ -n "$GROUP_SIZE" ] && quant_flags="$quant_flags --group_size $GROUP_SIZE"
+[ -n "$RESIDUAL_LENGTH" ] && quant_flags="$quant_flags --residual_length $RESIDUAL_LENGTH"
+if [ -n "$QUANT_METHOD" ] && [ "$QUANT_METHOD" != "none" ]; then
+    quant_suffix="_$QUANT_METHOD${NBITS:-4}"
+    [ -n "$GROUP_SIZE" ] && [ "$GROUP_SIZE" != 32 ] && quant_suffix="${quant_suffix}_g$GROUP_SIZE"
+    [ -n "$RESIDUAL_LENGTH" ] && [ "$RESIDUAL_LENGTH" != 32 ] && quant_suffix="${quant_suffix}_r$RESIDUAL_LENGTH"
+fi
+results_dir=$save_dir/${model_name}_$max_capacity_prompts$quant_suffix
 
-# shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose
+# shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_longbench.py" \
     --method "$method" \
     --model_path "$model_path" \
     --max_capacity_prompts "$max_capacity_prompts" \
     --attn_implementation "$attn_implementation" \
     --save_dir "$save_dir" \
-    $threads_flag $EXTRA_ARGS
+    $threads_flag $quant_flags $EXTRA_ARGS
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"

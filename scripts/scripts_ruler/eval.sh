@@ -10,6 +10,11 @@
 # Environment overrides: CONTEXT_LENGTHS (comma list), NUM_SAMPLES, TASKS (comma list), EXTRA_ARGS,
 # NUM_THREADS (torch CPU threads; default 1 for tiny, where one thread decodes fastest, torch's own
 # default otherwise).
+# KIVI quantization (pyramidkv/quant.py), composable with every method: QUANT_METHOD=kivi (default
+# none), NBITS (2, 4 or 8; default 4), GROUP_SIZE (default 32), RESIDUAL_LENGTH (default 32) become
+# --quant_method/--nbits/--group_size/--residual_length; the results directory then ends in the
+# quantization ({model name}_{capacity}_kivi4, plus _g64 / _r16 for a non-default group / residual), as
+# the runner names it. Give them here rather than in EXTRA_ARGS, so the scored directory matches.
 # Defaults per model:
 #   smollm2 (and any other model): RULER's shortest official length 4096 tokens, RULER's 11 offline
 #     tasks, 10 samples each (110 prompts). On a shared 2-core CPU one prompt took 40 s (niah) to
@@ -48,9 +53,20 @@ save_dir=${source_path%/}/results_ruler
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
 # run_ruler.py names it; a one-line error for a model that resolves to nothing
 model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
-results_dir=$save_dir/${model_name}_$max_capacity_prompts
+quant_flags=""
+quant_suffix=""
+[ -n "$QUANT_METHOD" ] && quant_flags="--quant_method $QUANT_METHOD"
+[ -n "$NBITS" ] && quant_flags="$quant_flags --nbits $NBITS"
+[ -n "$GROUP_SIZE" ] && quant_flags="$quant_flags --group_size $GROUP_SIZE"
+[ -n "$RESIDUAL_LENGTH" ] && quant_flags="$quant_flags --residual_length $RESIDUAL_LENGTH"
+if [ -n "$QUANT_METHOD" ] && [ "$QUANT_METHOD" != "none" ]; then
+    quant_suffix="_$QUANT_METHOD${NBITS:-4}"
+    [ -n "$GROUP_SIZE" ] && [ "$GROUP_SIZE" != 32 ] && quant_suffix="${quant_suffix}_g$GROUP_SIZE"
+    [ -n "$RESIDUAL_LENGTH" ] && [ "$RESIDUAL_LENGTH" != 32 ] && quant_suffix="${quant_suffix}_r$RESIDUAL_LENGTH"
+fi
+results_dir=$save_dir/${model_name}_$max_capacity_prompts$quant_suffix
 
-# shellcheck disable=SC2086  # threads_flag and EXTRA_ARGS are lists of flags on purpose
+# shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
 "$PYTHON" "$ROOT/run_ruler.py" \
     --method "$method" \
     --model_path "$model_path" \
@@ -60,6 +76,6 @@ results_dir=$save_dir/${model_name}_$max_capacity_prompts
     --context_lengths "$context_lengths" \
     --num_samples "$num_samples" \
     --tasks "$tasks" \
-    $threads_flag $EXTRA_ARGS
+    $threads_flag $quant_flags $EXTRA_ARGS
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"
