@@ -339,6 +339,12 @@ class CompressedCache(Cache):
         single-row run's kept_tokens()."""
         return [layer.kept_per_row for layer in self.layers]
 
+    def kept_tokens_per_head(self) -> list[list[list[int]] | None]:
+        """Tokens each stored head kept right after prefill, [layer][row][head]: a per-head layer's own
+        counts (pyramidkv/perhead.py), a dense layer's row count repeated for every head."""
+        return [getattr(layer, "kept_per_head", None) or (None if layer.kept_per_row is None else
+                [[kept] * layer.keys.shape[1] for kept in layer.kept_per_row]) for layer in self.layers]
+
     def physical_lengths(self) -> list[int]:
         return [layer.physical_length for layer in self.layers]
 

@@ -88,6 +88,10 @@ def _compressing_attention(base_attention, kind: str):
         layer = cache.layers[module.layer_idx]
         if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
             attention_mask = attention_mask[..., -key.shape[-2] :]
+        if getattr(layer, "attends_itself", False) and not layer.needs_compression:
+            # per-head storage (pyramidkv/perhead.py): every KV head holds its own number of tokens, so the
+            # layer runs attention itself; `key`/`value` are this step's new tokens, the mask their columns
+            return layer.attend(module, query, attention_mask, kwargs.get("scaling") or module.scaling, kind)
         if layer.filler_slots is not None and not layer.needs_compression:
             attention_mask = _hide_filler_slots(attention_mask, layer.filler_slots, query, key, kind)
         if layer.slot_bias is not None and not layer.needs_compression:

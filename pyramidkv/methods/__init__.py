@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from .base import BUDGET_FIELDS, KVMethod, PrefillInputs
+from .adakv import AdaKV, AdaPyramidKV
+from .headkv import HeadKV
 from .cam import CaM
 from .chunkkv import ChunkKV
 from .cs3602 import CS3602_METHODS
@@ -25,7 +27,7 @@ from .tova import TOVA
 METHODS: dict[str, type[KVMethod]] = {
     cls.name: cls
     for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, KeepKV, PyramidInfer, CaM,
-                TOVA, *CS3602_METHODS)
+                TOVA, *CS3602_METHODS, AdaKV, AdaPyramidKV, HeadKV)
 }
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
 
