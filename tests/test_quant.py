@@ -7,7 +7,7 @@ import torch
 
 import pyramidkv
 from pyramidkv.method_flags import budget_name
-from pyramidkv.quant import QuantizedLayer, pack, unpack
+from pyramidkv.quant import QuantizedLayer, pack, unpack, unpack_as
 from conftest import greedy, prompt, tiny_model
 
 # the tiny models have head_dim 16: groups of 8 channels / tokens
@@ -20,6 +20,7 @@ def test_pack_unpack_roundtrip(nbits):
     packed = pack(codes, nbits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == 16 * nbits // 8
     assert torch.equal(unpack(packed, nbits), codes)
+    assert torch.equal(unpack_as(packed, nbits, torch.float32), codes.float())  # the table lookup attention reads
 
 
 @pytest.mark.parametrize("nbits", [2, 4, 8])
@@ -207,3 +208,21 @@ def test_eval_scripts_pass_the_quantization_through(tmp_path):
     assert list(json.loads((results_dir / "results.json").read_text())["SnapKV"]) == ["512"]
     run_args = json.loads((results_dir / "run_meta.json").read_text())["SnapKV"]["args"]
     assert (run_args["quant_method"], run_args["nbits"], run_args["residual_length"]) == ("kivi", 2, 16)
+
+
+def test_quant_report_writes_bytes_errors_and_tpot(tmp_path):
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "quant_report.py")
+    spec = importlib.util.spec_from_file_location("quant_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main(["--context", "160", "--budgets", "64", "--nbits", "8,2", "--new_tokens", "3",
+                        "--out_dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quant_tiny_160.json").read_text())["rows"]
+    assert [(r["method"], r["nbits"]) for r in rows] == [("FullKV", 32), ("FullKV", 8), ("FullKV", 2),
+                                                         ("SnapKV", 32), ("SnapKV", 8), ("SnapKV", 2)]
+    for dense, eight, two in (rows[:3], rows[3:]):
+        assert dense["max_rel_logit_error"] == 0 and two["kv_bytes"] < eight["kv_bytes"] < dense["kv_bytes"]
+        assert 0 < eight["max_rel_logit_error"] < two["max_rel_logit_error"]
