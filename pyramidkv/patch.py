@@ -280,6 +280,20 @@ def _patch_family(family: str, built) -> None:
             original = _class_patches[cls][0] if cls in _class_patches else cls.forward
             _class_patches[cls] = (original, built)
             cls.forward = _forward_with_compression(original, lambda model, cls=cls: _class_patches[cls][1])
+        _rebind_hooked_instances(classes)
+
+
+def _rebind_hooked_instances(classes) -> None:
+    """accelerate's hooks (device_map) replace an instance's forward by one that calls the bound forward
+    the instance had when it was hooked (`module._old_forward`), so a model loaded with a device_map that
+    hooks its base model BEFORE `replace_*` / `restore()` would keep running the old class forward and
+    compress nothing (or keep compressing): point those at the class's current forward."""
+    import gc
+
+    classes = tuple(classes)
+    for instance in gc.get_objects():  # ~0.1 s; only at replace_* / restore
+        if type(instance) in classes and "_old_forward" in vars(instance) and hasattr(instance, "_hf_hook"):
+            instance._old_forward = type(instance).forward.__get__(instance)
 
 
 def _replace(family: str, method, **config) -> None:
@@ -323,6 +337,8 @@ def restore() -> None:
     with _lock:
         for cls, (original, _) in _class_patches.items():
             cls.forward = original
+        if _class_patches:
+            _rebind_hooked_instances(_class_patches)
         _class_patches.clear()
         _warned_unpatched.clear()  # a later patch warns again
         if not _open_scopes:

@@ -123,3 +123,20 @@ def test_placement_refuses_a_gpu_it_does_not_see_and_shards_sharing_a_machine():
     with pytest.raises(CLIError, match="2 processes on one machine"):
         placement.validate_placement(args, Shard(1, 2, 1, 2))
     assert placement.parse_max_memory("0=20GiB, cpu = 64GiB") == {0: "20GiB", "cpu": "64GiB"}
+
+
+def test_patch_after_loading_reaches_a_hooked_base_model(tmp_path):
+    """A device_map that hooks the base model itself (accelerate keeps the forward it had when hooked):
+    replace_llama after loading must still compress, and restore() must stop it."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "ckpt", "pyramidkv-tiny-llama"),
+                                                 device_map={"model": "cpu", "lm_head": "disk"},
+                                                 offload_folder=str(tmp_path / "offload"))
+    assert hasattr(model.model, "_hf_hook")  # the case under test
+    ids = torch.randint(3, 90, (1, 200), generator=torch.Generator().manual_seed(0))
+    generate = lambda: model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)  # noqa: E731
+    pyramidkv.replace_llama("snapkv", max_capacity_prompt=64)
+    cache = generate().past_key_values
+    assert isinstance(cache, pyramidkv.CompressedCache) and cache.kept_tokens() == [64, 64]
+    pyramidkv.restore()
+    assert not isinstance(generate().past_key_values, pyramidkv.CompressedCache)
