@@ -36,7 +36,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import pos_shift
+from . import chunked_prefill, pos_shift
 from .methods import KVMethod, PrefillInputs, build_method
 from .methods.base import gather_tokens, repeat_kv
 from .methods.decode import DecodeInputs
@@ -62,6 +62,9 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0  # true number of tokens seen
         self.growth = growth
         self.needs_compression = False  # set by the prefill update, cleared by `compress`
+        self.compress_after_update = False  # chunked prefill: the next update is a chunk to compress again
+        self.kept_hidden: torch.Tensor | None = None  # chunked prefill: [B, kept] slots hidden from the vote
+        self.peak_prefill_length = 0  # most K/V tokens per head held during prefill (kept + chunk)
         self.kept_after_prefill: int | None = None  # slots stored per head (the largest row's count)
         self.kept_per_row: list[int] | None = None  # real tokens each row kept
         self.filler_slots: torch.Tensor | None = None  # [B, K] bool, True = slot the attention must hide
@@ -80,10 +83,16 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         first_update = self.cumulative_length == 0
         self.cumulative_length += key_states.shape[-2]
-        if first_update:
-            # prefill: attention runs on the full K/V; the hook then calls `compress`
+        if first_update or self.compress_after_update:
+            # prefill (or a prefill chunk, pyramidkv/chunked_prefill.py: kept slots + chunk): attention runs
+            # on these K/V; the hook then calls `compress`
+            if not first_update:
+                key_states = torch.cat([self.keys, key_states], dim=-2)
+                value_states = torch.cat([self.values, value_states], dim=-2)
+                self.compress_after_update = False
             self.keys, self.values = key_states, value_states
             self.needs_compression = True
+            self.peak_prefill_length = max(self.peak_prefill_length, self.physical_length)
             return self.keys, self.values
         if key_states.shape[1] != self.keys.shape[1]:
             # gqa_selection="query_head": the layer stores one head per query head, new tokens come per KV head
@@ -247,6 +256,9 @@ class CompressedCache(Cache):
         super().__init__(layers=[self.method.new_layer(i, num_layers) for i in range(num_layers)])
         self.padding_mask: torch.Tensor | None = None  # 2-D mask of the current forward
         self._row_budgets: list[list[int]] | None = None  # [row][layer], from each row's real length
+        # set during a chunked prefill (chunked_prefill.py): rows' full real lengths / real tokens seen so far
+        self.prefill_real_lengths: list[int] | None = None
+        self.prefill_seen: list[int] | None = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if ACTIVE_CACHE.get() is not self:
@@ -272,19 +284,22 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         seq_len = keys.shape[-2]
         padding = None
-        if self.padding_mask is not None and not bool(self.padding_mask[:, -seq_len:].all()):
+        if self.prefill_seen is not None:  # a prefill chunk: kept slots + chunk (chunked_prefill.py)
+            padding = chunked_prefill.chunk_padding(self, layer, seq_len)
+        elif self.padding_mask is not None and not bool(self.padding_mask[:, -seq_len:].all()):
             padding = self.padding_mask[:, -seq_len:].to(keys.device).bool()  # layers may sit on other devices (device_map)
         inputs = PrefillInputs(query, keys, values, padding, layer_idx, len(self.layers), scaling)
         lengths = inputs.real_lengths()
         if self._row_budgets is None or layer_idx == 0:
-            schedules = {n: self.method.layer_budgets(n, len(self.layers)) for n in set(lengths)}
-            self._row_budgets = [schedules[n] for n in lengths]
+            schedule_lengths = self.prefill_real_lengths or lengths  # chunked: each row's full real length
+            schedules = {n: self.method.layer_budgets(n, len(self.layers)) for n in set(schedule_lengths)}
+            self._row_budgets = [schedules[n] for n in schedule_lengths]
         cap = self.method.max_cache_size or seq_len  # a decoding method never stores more than its cache size
         budgets = [min(row[layer_idx], n, cap) for row, n in zip(self._row_budgets, lengths)]
         with torch.no_grad():
             stored = self.method.compress(inputs, budgets)  # (keys, values) or (keys, values, slot bias)
             slot_bias = stored[2] if len(stored) > 2 else None
-            layer.store_compressed(stored[0], stored[1], budgets, lengths, slot_bias)
+            layer.store_compressed(stored[0], stored[1], budgets, self.prefill_seen or lengths, slot_bias)
             if self.method.pos_shift:
                 pos_shift.renumber_after_prefill(self, layer, getattr(inputs, "kept_indices", None), budgets)
             if self.method.decodes:

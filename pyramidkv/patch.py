@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import AttentionInterface
 
 from .attention_masks import _add_slot_bias, _hide_filler_slots
+from . import chunked_prefill as _chunked_prefill
 from . import pos_shift as _pos_shift
 from .cache import ACTIVE_CACHE as _ACTIVE_CACHE
 from .cache import CompressedCache
@@ -92,7 +93,7 @@ def _compressing_attention(base_attention, kind: str):
             # per-head storage (pyramidkv/perhead.py): every KV head holds its own number of tokens, so the
             # layer runs attention itself; `key`/`value` are this step's new tokens, the mask their columns
             return layer.attend(module, query, attention_mask, kwargs.get("scaling") or module.scaling, kind)
-        if layer.filler_slots is not None and not layer.needs_compression:
+        if layer.filler_slots is not None:  # also a prefill chunk's attention over the kept slots
             attention_mask = _hide_filler_slots(attention_mask, layer.filler_slots, query, key, kind)
         if layer.slot_bias is not None and not layer.needs_compression:
             if kind == "flash":
@@ -228,6 +229,10 @@ def _forward_with_compression(original_forward, get_method):
                 args, kwargs = _slot_positions(model, cache, parameters, argument, args, kwargs)
             token = _ACTIVE_CACHE.set(cache)
             try:
+                tokens = argument(args, kwargs, "input_ids")
+                tokens = tokens if tokens is not None else argument(args, kwargs, "inputs_embeds")
+                if tokens is not None and _chunked_prefill.should_chunk(cache, tokens.shape[1]):
+                    return _chunked_prefill.run_chunked(original_forward, model, cache, parameters, args, kwargs)
                 return original_forward(model, *args, **kwargs)
             finally:
                 _ACTIVE_CACHE.reset(token)

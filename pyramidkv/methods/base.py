@@ -99,6 +99,8 @@ class KVMethod:
     group_size: int = 32
     residual_length: int = 32  # latest tokens kept in full precision (at least window_size)
     pos_shift: bool = False  # positions by cache slot instead of true positions (pyramidkv/pos_shift.py)
+    # prompt tokens per prefill chunk, compressed back to the budget after each (pyramidkv/chunked_prefill.py)
+    prefill_chunk_size: int | None = None
 
     # True for a method with a decode-time rule (key-only ones: their prefill rule re-applied)
     has_decode_form: ClassVar[bool] = False
@@ -114,6 +116,10 @@ class KVMethod:
             check_method(self)
         for field in ("window_size", "kernel_size"):
             _check_positive_int(field, getattr(self, field))
+        if self.prefill_chunk_size is not None:
+            from ..chunked_prefill import check_method as check_chunking
+
+            check_chunking(self)
         if self.max_capacity_prompt is not None and self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"max_capacity_prompt={self.max_capacity_prompt} must be larger than "
