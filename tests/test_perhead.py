@@ -288,6 +288,10 @@ def test_headkv_scores_of_the_wrong_shape_is_one_line_error(tmp_path):
 def test_unsupported_options_are_one_line_errors():
     with pytest.raises(ValueError, match="not supported yet"):
         pyramidkv.build_method("adakv", quant_method="kivi")
+    with pytest.raises(ValueError, match="prefill_chunk_size.* HeadKV"):
+        pyramidkv.build_method("headkv", prefill_chunk_size=64)
+    with pytest.raises(ValueError, match="pos_shift=True"):
+        pyramidkv.build_method("ada-pyramidkv", pos_shift=True)
     with pytest.raises(ValueError, match="no decode-time form"):
         pyramidkv.build_method("adakv", max_cache_size=64)
     with pytest.raises(ValueError, match="floor_fraction"):

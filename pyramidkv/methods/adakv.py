@@ -10,7 +10,8 @@ the paper's 0.2). The window is always kept by every head.
 "Ada-PyramidKV" (KVCache-Factory's name) is the same rule inside PyramidKV's per-layer budgets.
 
 Storage: pyramidkv/perhead.py — each KV head holds only its own tokens (kvpress's AdaKVPress only
-masks, which saves nothing). Decode-time eviction and quantization are not supported yet (one-line errors).
+masks, which saves nothing). Decode-time eviction, quantization, pos_shift and chunked prefill are not
+supported yet (one-line errors).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def check_per_head_method(method) -> None:
                          f"supported yet; valid choices: quant_method='none'")
     if getattr(method, "pos_shift", False):
         raise ValueError(f"pos_shift=True with {method.name}'s per-head storage is not supported yet; valid: pos_shift=False")
+    if getattr(method, "prefill_chunk_size", None) is not None:
+        raise ValueError(f"prefill_chunk_size={method.prefill_chunk_size!r} with {method.name}'s per-head storage is not "
+                         f"supported yet; valid: prefill_chunk_size=None")
 
 
 def per_head_keep(prefix_scores: torch.Tensor, head_budgets: Sequence[Sequence[int] | None], seq_len: int,
