@@ -27,13 +27,13 @@ def check_method(method) -> None:
     from .methods.base import KVMethod
     from .methods.cam import CaM
 
-    if type(method).compress is not KVMethod.compress and not isinstance(method, CaM):
-        raise ValueError(f"pos_shift=True needs each kept slot's prompt position, which {method.name} "
-                         f"(merged keys) does not have; valid with eviction methods and CaM")
     if getattr(method, "quant_method", "none") != "none" or type(method).new_layer is not KVMethod.new_layer:
         raise ValueError(f"pos_shift=True re-rotates dense stored keys; {method.name} with its storage "
                          f"(quant_method={getattr(method, 'quant_method', 'none')!r}) is not supported; "
                          f"valid: quant_method='none' and a dense-storage method")
+    if type(method).compress is not KVMethod.compress and not isinstance(method, CaM):
+        raise ValueError(f"pos_shift=True needs each kept slot's prompt position, which {method.name} "
+                         f"(merged keys) does not have; valid with eviction methods and CaM")
 
 
 def rotate(states: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

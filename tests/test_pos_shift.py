@@ -125,3 +125,8 @@ def test_merging_methods_refuse_pos_shift():
 def test_quantized_storage_refuses_pos_shift():
     with pytest.raises(ValueError, match="pos_shift=True re-rotates dense stored keys"):
         pyramidkv.build_method("snapkv", pos_shift=True, quant_method="kivi")
+
+
+def test_per_head_storage_refuses_pos_shift_naming_its_storage():
+    with pytest.raises(ValueError, match="pos_shift=True re-rotates dense stored keys; AdaKV"):
+        pyramidkv.build_method("adakv", pos_shift=True)
