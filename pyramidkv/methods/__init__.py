@@ -12,6 +12,7 @@ from .adakv import AdaKV, AdaPyramidKV
 from .headkv import HeadKV
 from .cam import CaM
 from .chunkkv import ChunkKV
+from .commonkv import CommonKV
 from .cs3602 import CS3602_METHODS
 from .fullkv import FullKV
 from .h2o import H2O
@@ -27,7 +28,7 @@ from .tova import TOVA
 METHODS: dict[str, type[KVMethod]] = {
     cls.name: cls
     for cls in (FullKV, SnapKV, PyramidKV, H2O, StreamingLLM, L2Norm, ChunkKV, SimCalKV, KeepKV, PyramidInfer, CaM,
-                TOVA, *CS3602_METHODS, AdaKV, AdaPyramidKV, HeadKV)
+                TOVA, *CS3602_METHODS, AdaKV, AdaPyramidKV, HeadKV, CommonKV)
 }
 ALIASES = {"knorm": "L2Norm", "knormpress": "L2Norm", "streaming": "StreamingLLM"}
 

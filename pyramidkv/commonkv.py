@@ -1,0 +1,226 @@
+"""CommonKV storage (Wang et al. 2025, arXiv:2508.16134): cross-layer shared latent K/V.
+
+Parameter sharing (training-free, once per model): layers in groups of `layer_step` consecutive layers
+(the last group holds the remainder when layer_step does not divide the layer count); per group the K
+and V projection weights of its layers are stacked, [2 * kv_dim * layers, hidden], and factored by an
+fp32 SVD W = U S V^T: the shared down-projection A = V^T[:r] (hidden -> r) and per-layer
+up-projections U_k, U_v = (U S)[:, :r] split per layer and K/V. k = W_k h = U_k (A h) exactly at full
+rank. A layer with its own rank r_l (rank file) uses the first r_l rows of A (the SVD orders them).
+
+Inference: forward hooks on each attention's k_proj / v_proj. While a CommonKV cache is active the
+k_proj hook computes the latent z = A_l h, hands it to the cache layer and returns U_k z; v_proj
+returns U_v z. Without one the hooks return None, so the projection's own output is used unchanged.
+The LatentLayer stores z (rank r per token, pre-RoPE) and the true position of each slot; update()
+returns K = RoPE(U_k z, positions) and V = U_v z per KV head, so attention (GQA included) is unchanged.
+
+Factors are cached in memory and on disk (~/.cache/pyramidkv/commonkv/<fingerprint>.pt, fingerprint =
+sha1 of the K/V weights + settings), so the SVD runs once per model and setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .cache import ACTIVE_CACHE, CompressedLayer
+
+SUPPORTED_FAMILIES = ("llama", "mistral")
+CACHE_DIR = Path(os.environ.get("PYRAMIDKV_CACHE_DIR", Path.home() / ".cache" / "pyramidkv")) / "commonkv"
+_MEMORY: dict[str, dict] = {}
+SVD_CALLS = [0]  # number of SVDs computed in this process (tests check that a second call loads)
+
+
+def groups_of(num_layers: int, layer_step: int) -> list[list[int]]:
+    """Consecutive groups of layer_step layers; the last one holds the remainder."""
+    return [list(range(s, min(s + layer_step, num_layers))) for s in range(0, num_layers, layer_step)]
+
+
+def _attention_modules(model):
+    return [layer.self_attn for layer in model.layers]
+
+
+def layer_ranks(method, model) -> list[int]:
+    """Rank per layer from method.rank / method.rank_file, checked against the model's full ranks."""
+    config = model.config
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"CommonKV does not support model family {family!r}; valid choices: {', '.join(SUPPORTED_FAMILIES)}")
+    attns = _attention_modules(model)
+    num_layers = len(attns)
+    hidden = attns[0].k_proj.in_features
+    kv_dim = attns[0].k_proj.out_features
+    groups = groups_of(num_layers, method.layer_step)
+    full = {layer: min(hidden, 2 * kv_dim * len(group)) for group in groups for layer in group}
+    if method.rank_file is not None:
+        data = json.loads(Path(method.rank_file).read_text())
+        ranks = data.get("ranks") if isinstance(data, dict) else data
+        if not isinstance(ranks, list) or len(ranks) != num_layers:
+            got = len(ranks) if isinstance(ranks, list) else type(ranks).__name__
+            raise ValueError(f"rank_file={method.rank_file!r} gives {got} ranks but the model has {num_layers} layers; "
+                             f"give a JSON list (or {{\"ranks\": [...]}}) of one rank per layer")
+    elif method.rank is None:
+        ranks = [full[layer] for layer in range(num_layers)]
+    else:
+        ranks = [method.rank] * num_layers
+    for layer, rank in enumerate(ranks):
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= full[layer]:
+            raise ValueError(f"rank={rank!r} for layer {layer} is invalid: it must be an integer in 1..{full[layer]} "
+                             f"(the full rank of its group of layer_step={method.layer_step})")
+    return ranks
+
+
+def _fingerprint(model, method, ranks) -> str:
+    digest = hashlib.sha1()
+    for attn in _attention_modules(model):
+        for proj in (attn.k_proj, attn.v_proj):
+            digest.update(proj.weight.detach().float().cpu().numpy().tobytes())
+    digest.update(json.dumps({"layer_step": method.layer_step, "ranks": ranks}).encode())
+    return digest.hexdigest()
+
+
+def compute_factors(model, method) -> dict:
+    """{"A": [layer] [r_l, hidden], "Uk"/"Uv": [layer] [kv_dim, r_l], "ranks"} (fp32), cached."""
+    ranks = layer_ranks(method, model)
+    attns = _attention_modules(model)
+    if any(attn.k_proj.bias is not None or attn.v_proj.bias is not None for attn in attns):
+        raise ValueError("CommonKV does not support k_proj/v_proj biases; valid choices: llama, mistral models")
+    key = _fingerprint(model, method, ranks)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = CACHE_DIR / f"{key}.pt"
+    if path.exists():
+        _MEMORY[key] = torch.load(path)
+        return _MEMORY[key]
+    factors = {"A": [None] * len(attns), "Uk": [None] * len(attns), "Uv": [None] * len(attns), "ranks": ranks}
+    kv_dim = attns[0].k_proj.out_features
+    with torch.no_grad():
+        for group in groups_of(len(attns), method.layer_step):
+            stacked = torch.cat([torch.cat([attns[l].k_proj.weight, attns[l].v_proj.weight]).float().cpu()
+                                 for l in group])
+            SVD_CALLS[0] += 1
+            u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+            up = u * s
+            for i, layer in enumerate(group):
+                r = ranks[layer]
+                block = up[2 * kv_dim * i : 2 * kv_dim * (i + 1), :r]
+                factors["A"][layer] = vh[:r].contiguous()
+                factors["Uk"][layer], factors["Uv"][layer] = block[:kv_dim].contiguous(), block[kv_dim:].contiguous()
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save(factors, path)
+    _MEMORY[key] = factors
+    return factors
+
+
+def _active_latent_layer(layer_idx):
+    cache = ACTIVE_CACHE.get()
+    if cache is None or getattr(cache.method, "name", None) != "CommonKV":
+        return None, None
+    return cache, cache.layers[layer_idx]
+
+
+def _k_hook(attn):
+    def hook(module, inputs, output):
+        cache, layer = _active_latent_layer(attn.layer_idx)
+        if layer is None:
+            return None  # not CommonKV: the projection's own output
+        f = cache.method.device_factors(attn.layer_idx, inputs[0])
+        latent = inputs[0] @ f["A"].T
+        layer.pending_latent = latent
+        return latent @ f["Uk"].T
+    return hook
+
+
+def _v_hook(attn):
+    def hook(module, inputs, output):
+        cache, layer = _active_latent_layer(attn.layer_idx)
+        if layer is None:
+            return None
+        f = cache.method.device_factors(attn.layer_idx, inputs[0])
+        latent = layer.pending_latent if layer.pending_latent is not None else inputs[0] @ f["A"].T
+        return latent @ f["Uv"].T
+    return hook
+
+
+def install_hooks(model) -> None:
+    """Idempotent: one k_proj and one v_proj hook per attention module."""
+    for attn in _attention_modules(model):
+        if getattr(attn, "_pyramidkv_commonkv_hooks", False):
+            continue
+        attn.k_proj.register_forward_hook(_k_hook(attn))
+        attn.v_proj.register_forward_hook(_v_hook(attn))
+        attn._pyramidkv_commonkv_hooks = True
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LatentLayer(CompressedLayer):
+    """Stores per-token latents [B, T, r] (pre-RoPE) and their true positions; rebuilds K/V per forward."""
+
+    def __init__(self, method, layer_idx: int):
+        super().__init__()
+        self.method, self.layer_idx = method, layer_idx
+        self.latents: torch.Tensor | None = None  # [B, T, r]
+        self.positions: torch.Tensor | None = None  # [B, T] int64, the RoPE position of each slot
+        self.pending_latent: torch.Tensor | None = None  # this forward's new latents, from the k_proj hook
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.latents is None else self.latents.shape[1]
+
+    def _new_positions(self, batch: int, new: int, device) -> torch.Tensor:
+        # the positions transformers' generate gives: cumsum of the 2-D mask - 1 (pads: any, they are masked)
+        mask = self.method.current_padding_mask()
+        if mask is not None and mask.shape[-1] >= self.cumulative_length + new:
+            pos = mask.long().cumsum(-1) - 1
+            return pos[:, -new:].clamp(min=0).to(device)
+        start = self.cumulative_length
+        return torch.arange(start, start + new, device=device).expand(batch, new)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        latent = self.pending_latent
+        if latent is None:
+            raise ValueError("CommonKV: the cache layer got K/V without a latent (k_proj hook not installed); "
+                             "run inside pyramidkv.compress(model, 'commonkv') or after replace_*('commonkv')")
+        self.pending_latent = None
+        batch, new = latent.shape[0], latent.shape[1]
+        positions = self._new_positions(batch, new, latent.device)
+        self.cumulative_length += new
+        if self.latents is None:
+            self.latents, self.positions = latent.contiguous(), positions.contiguous()
+            self.kept_after_prefill, self.kept_per_row = new, [new] * batch
+            return key_states, value_states  # this forward's K/V are exactly U z (RoPE applied by the model)
+        self.latents = torch.cat([self.latents, latent], dim=1)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        return self.rebuild(key_states.shape[1], key_states.shape[-1])
+
+    def rebuild(self, kv_heads: int, head_dim: int):
+        f = self.method.device_factors(self.layer_idx, self.latents)
+        batch, length, _ = self.latents.shape
+        keys = (self.latents @ f["Uk"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        values = (self.latents @ f["Uv"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        cos, sin = self.method.rotary(keys, self.positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return keys * cos + _rotate_half(keys) * sin, values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("CommonKV's latent cache cannot be cropped; valid choices: a fresh cache per generate call")
+
+    def reset(self) -> None:
+        super().reset()
+        self.latents = self.positions = self.pending_latent = None
+
+    def nbytes(self) -> int:
+        """Bytes of the latents (positions, B x T int64 per layer, are not counted: see positions_nbytes)."""
+        return 0 if self.latents is None else self.latents.numel() * self.latents.element_size()
+
+    def positions_nbytes(self) -> int:
+        return 0 if self.positions is None else self.positions.numel() * self.positions.element_size()

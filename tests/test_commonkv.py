@@ -1,0 +1,132 @@
+"""CommonKV (pyramidkv/commonkv.py, methods/commonkv.py): shared latent K/V, exactness at full rank,
+latent bytes, factor caching, untouched projections outside a CommonKV cache, one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+import pyramidkv
+from pyramidkv import commonkv
+from pyramidkv.cache import CompressedCache
+
+from conftest import prompt, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def factor_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(commonkv, "CACHE_DIR", tmp_path / "commonkv")
+    commonkv._MEMORY.clear()
+
+
+def _generate(model, ids, **kw):
+    return model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_full_rank_equals_fullkv(family, attn):
+    model = tiny_model(family, seed=3 if family == "mistral" else 0, layers=3, attn=attn)
+    ids = prompt(24)
+    ref = _generate(model, ids)
+    with pyramidkv.compress(model, "commonkv", layer_step=2):
+        out = _generate(model, ids)
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.logits, out.logits):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+
+
+def test_left_padded_batch_equals_single_rows():
+    model = tiny_model(layers=2)
+    ids = prompt(16, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids[0, :5] = 0
+    with pyramidkv.compress(model, "commonkv", layer_step=2):
+        batch = _generate(model, ids, attention_mask=mask)
+    single = _generate(model, ids[:1, 5:])
+    assert torch.equal(batch.sequences[0, 16:], single.sequences[0, 11:])
+
+
+def test_low_rank_changes_output_and_nbytes_is_latent_formula():
+    model = tiny_model(layers=3)  # hidden 64, kv dim 2 x 16 = 32; groups [0, 1], [2]
+    ids = prompt(20)
+    rank = 8
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=rank):
+        cache = CompressedCache("commonkv", model.config, layer_step=2, rank=rank)
+        logits = model(ids, past_key_values=cache).logits
+        element = 4  # fp32
+        assert cache.nbytes() == 3 * 20 * rank * element
+        assert cache.kept_tokens() == [20, 20, 20]
+        model(ids[:, :1], past_key_values=cache)  # one decode step appends one latent per layer
+        assert cache.nbytes() == 3 * 21 * rank * element
+        assert [layer.latents.shape[1] for layer in cache.layers] == [21] * 3
+    full = model(ids).logits
+    assert not torch.allclose(full, logits, atol=1e-3)  # rank 8 of 64 is lossy: the latent path was used
+
+
+def test_rank_file_per_layer(tmp_path):
+    model = tiny_model(layers=3)
+    path = tmp_path / "ranks.json"
+    path.write_text(json.dumps([4, 8, 16]))
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank_file=str(path)):
+        cache = CompressedCache("commonkv", model.config, layer_step=2, rank_file=str(path))
+        model(prompt(10), past_key_values=cache)
+    assert [layer.latents.shape[-1] for layer in cache.layers] == [4, 8, 16]
+    path.write_text(json.dumps([4, 8]))
+    with pytest.raises(ValueError, match="gives 2 ranks but the model has 3 layers"):
+        with pyramidkv.compress(model, "commonkv", rank_file=str(path)):
+            model(prompt(10))
+
+
+def test_factors_cached_on_disk_and_in_memory():
+    model = tiny_model(layers=3)
+    before = commonkv.SVD_CALLS[0]
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8):
+        model(prompt(8))
+    assert commonkv.SVD_CALLS[0] == before + 2  # two groups
+    assert len(list(commonkv.CACHE_DIR.glob("*.pt"))) == 1
+    commonkv._MEMORY.clear()  # a new process: loads from disk, no SVD
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8):
+        model(prompt(8))
+    assert commonkv.SVD_CALLS[0] == before + 2
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=4):  # other settings: a new entry
+        model(prompt(8))
+    assert commonkv.SVD_CALLS[0] == before + 4
+
+
+def test_projections_unchanged_without_commonkv_cache():
+    model = tiny_model(layers=2)
+    ids = prompt(12)
+    ref = model(ids).logits
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=4):
+        model(ids)
+    assert model.model.layers[0].self_attn._pyramidkv_commonkv_hooks  # hooks stay installed
+    assert torch.equal(model(ids).logits, ref)  # unpatched use
+    with pyramidkv.compress(model, "snapkv", max_capacity_prompt=16):
+        assert torch.equal(model(ids).logits, ref)  # another method
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"layer_step": 0}, "layer_step=0 is invalid"),
+    ({"rank": 0}, "rank=0 is invalid"),
+    ({"merge": True}, "merge=True not supported yet"),
+    ({"evict_method": "SnapKV"}, "evict_method='SnapKV' not supported yet"),
+    ({"quant_method": "kivi"}, "quant_method='kivi' not supported yet"),
+])
+def test_bad_config_one_line(config, message):
+    with pytest.raises(ValueError, match=message) as info:
+        pyramidkv.methods.build_method("commonkv", **config)
+    assert "\n" not in str(info.value)
+
+
+def test_rank_above_full_rank_and_unsupported_family():
+    model = tiny_model(layers=3)  # group [2] alone: full rank min(64, 2 x 32) = 64
+    with pytest.raises(ValueError, match="rank=65 for layer 0 is invalid: it must be an integer in 1..64"):
+        with pyramidkv.compress(model, "commonkv", layer_step=2, rank=65):
+            model(prompt(8))
+    qwen = tiny_model("qwen3", layers=2)
+    with pytest.raises(ValueError, match="does not support model family 'qwen3'"):
+        with pyramidkv.compress(qwen, "commonkv"):
+            qwen(prompt(8))
