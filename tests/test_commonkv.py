@@ -47,6 +47,28 @@ def test_left_padded_batch_equals_single_rows():
         batch = _generate(model, ids, attention_mask=mask)
     single = _generate(model, ids[:1, 5:])
     assert torch.equal(batch.sequences[0, 16:], single.sequences[0, 11:])
+    for a, b in zip(batch.logits, single.logits):  # rebuilt keys at the row's own positions
+        assert ((a[0] - b[0]).abs().max() / b.abs().max()).item() < 1e-4
+
+
+def test_low_rank_equals_model_with_factored_weights():
+    # oracle: the rank-r model is the model whose K/V weights are U_k A and U_v A, run without a cache trick
+    import copy
+
+    model = tiny_model(layers=3)
+    ids = prompt(20)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8):
+        out = _generate(model, ids)
+    factors = commonkv.compute_factors(model.model, pyramidkv.methods.build_method("commonkv", layer_step=2, rank=8))
+    oracle = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(oracle.model.layers):
+            layer.self_attn.k_proj.weight.copy_(factors["Uk"][i] @ factors["A"][i])
+            layer.self_attn.v_proj.weight.copy_(factors["Uv"][i] @ factors["A"][i])
+    ref = _generate(oracle, ids)
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.logits, out.logits):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
 
 
 def test_low_rank_changes_output_and_nbytes_is_latent_formula():
