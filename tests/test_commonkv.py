@@ -88,6 +88,55 @@ def test_low_rank_changes_output_and_nbytes_is_latent_formula():
     assert not torch.allclose(full, logits, atol=1e-3)  # rank 8 of 64 is lossy: the latent path was used
 
 
+def _merged_run(model, ids, **config):
+    with pyramidkv.compress(model, "commonkv", **config):
+        cache = CompressedCache("commonkv", model.config, **config)
+        model(ids, past_key_values=cache)
+        return cache
+
+
+def test_merge_bookkeeping_and_bytes():
+    model = tiny_model(layers=4)
+    ids = prompt(140)  # eligible positions 4..11: 8 per group, 2 groups of 2 -> 16 pairs
+    rank = 8
+    plain = _merged_run(model, ids, layer_step=2, rank=rank)
+    cache = _merged_run(model, ids, layer_step=2, rank=rank, merge=True, no_merge_ratio=0.4)
+    merged = sum(cache.layers[g].shared["latents"].shape[1] for g in (0, 2))
+    assert merged == 16 - 7  # ceil(0.4 x 16) pairs stay per layer
+    own = sum(layer.latents.shape[1] for layer in cache.layers)
+    assert own == 4 * 140 - 2 * merged
+    assert cache.nbytes() == (own + merged) * rank * 4  # merged latents counted once per group
+    assert cache.nbytes() == plain.nbytes() - merged * rank * 4
+    for g in (0, 2):
+        shared = cache.layers[g].shared
+        positions = shared["positions"][0]
+        assert bool(((positions >= 4) & (positions < 140 - 128)).all())  # first 4 / last 128 untouched
+        mean = (plain.layers[g].latents[:, positions] + plain.layers[g + 1].latents[:, positions]) / 2
+        assert torch.allclose(shared["latents"], mean)
+        for l in (g, g + 1):  # every other slot is the layer's own latent, in prompt order
+            latents, order_positions = cache.layers[l].all_latents()
+            assert torch.equal(order_positions, plain.layers[l].positions)
+            kept = torch.ones(140, dtype=torch.bool)
+            kept[positions] = False
+            assert torch.equal(latents[:, kept], plain.layers[l].latents[:, kept])
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=rank, merge=True):
+        model(ids[:, :1], past_key_values=cache)  # decode appends one own latent per layer
+    assert cache.nbytes() == (own + 4 + merged) * rank * 4
+    none_merged = _merged_run(model, ids, layer_step=2, rank=rank, merge=True, no_merge_ratio=1.0)
+    assert none_merged.nbytes() == plain.nbytes()
+
+
+def test_merged_decode_differs_but_runs():
+    model = tiny_model(layers=4)
+    ids = prompt(200)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, merge=True, no_merge_ratio=0.0):
+        out = _generate(model, ids)
+    with pyramidkv.compress(model, "commonkv", layer_step=2):
+        ref = _generate(model, ids)
+    assert out.sequences.shape == ref.sequences.shape
+    assert not torch.allclose(out.logits[1], ref.logits[1])  # decode reads the merged latents
+
+
 def test_rank_file_per_layer(tmp_path):
     model = tiny_model(layers=3)
     path = tmp_path / "ranks.json"
@@ -133,7 +182,8 @@ def test_projections_unchanged_without_commonkv_cache():
 @pytest.mark.parametrize("config, message", [
     ({"layer_step": 0}, "layer_step=0 is invalid"),
     ({"rank": 0}, "rank=0 is invalid"),
-    ({"merge": True}, "merge=True not supported yet"),
+    ({"merge": True, "merge_weights": [1.0]}, "give one weight per layer of a group"),
+    ({"no_merge_ratio": 1.5}, "no_merge_ratio=1.5 is invalid"),
     ({"evict_method": "SnapKV"}, "evict_method='SnapKV' not supported yet"),
     ({"quant_method": "kivi"}, "quant_method='kivi' not supported yet"),
 ])

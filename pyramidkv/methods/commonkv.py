@@ -5,7 +5,9 @@ rebuilt from z at attention time. Storage and hooks: pyramidkv/commonkv.py.
 
 layer_step: layers per group (the last group holds the remainder). rank: latent rank per layer
 (None = the group's full rank, exact up to fp error); rank_file: JSON list of one rank per layer.
-Not yet supported (one-line errors): merge=True (cross-layer merge), evict_method, quant_method.
+merge=True: cross-layer merge after prefill (batch of one; pyramidkv.commonkv.merge_groups), no_merge_ratio
+of the (group, position) pairs stay per layer, first 4 / last 128 positions never merged.
+Not yet supported (one-line errors): evict_method, quant_method.
 The KV bytes are nbytes() = sum over layers of tokens x rank x element size (FullKV: tokens x 2 x
 kv_heads x head_dim x element size).
 """
@@ -28,20 +30,31 @@ class CommonKV(KVMethod):
     no_merge_ratio: float = 0.4
     merge: bool = False
     evict_method: str | None = None
+    merge_weights: list | None = None  # per layer of a group (the released per-layer weight list); None = uniform
 
     def __post_init__(self):
         super().__post_init__()
+        # the runners' flag for layer_step is typed int | float (another method's layer_step is a float)
+        if isinstance(self.layer_step, float) and self.layer_step.is_integer():
+            self.layer_step = int(self.layer_step)
         if isinstance(self.layer_step, bool) or not isinstance(self.layer_step, int) or self.layer_step < 1:
             raise ValueError(f"layer_step={self.layer_step!r} is invalid: it must be a positive integer")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise ValueError(f"rank={self.rank!r} is invalid: it must be a positive integer or None (full rank)")
-        if self.merge:
-            raise ValueError("CommonKV with merge=True not supported yet; valid choices: merge=False")
+        from ..methods.base import check_finite_number
+
+        check_finite_number("no_merge_ratio", self.no_merge_ratio, 0)
+        if self.no_merge_ratio > 1:
+            raise ValueError(f"no_merge_ratio={self.no_merge_ratio!r} is invalid: it must be a fraction in [0, 1]")
+        if self.merge_weights is not None and len(self.merge_weights) != self.layer_step:
+            raise ValueError(f"merge_weights={self.merge_weights!r} is invalid: give one weight per layer of a group "
+                             f"(layer_step={self.layer_step})")
         if self.evict_method is not None:
             raise ValueError(f"CommonKV with evict_method={self.evict_method!r} not supported yet; valid choices: None")
         if self.quant_method != "none":
             raise ValueError(f"CommonKV with quant_method={self.quant_method!r} not supported yet; valid choices: none")
-        self._model = self._factors = None
+        self._model = self._factors = self._cache_layers = None
+        self.num_layers = 0
         self._device_factors = {}
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
@@ -53,7 +66,13 @@ class CommonKV(KVMethod):
     def new_layer(self, layer_idx: int, num_layers: int):
         from ..commonkv import LatentLayer  # late: commonkv imports the cache
 
+        self.num_layers = num_layers
         return LatentLayer(self, layer_idx)
+
+    def cache_layers(self):
+        from ..cache import ACTIVE_CACHE
+
+        return ACTIVE_CACHE.get().layers
 
     def prepare_model(self, model) -> None:
         from .. import commonkv

@@ -1,0 +1,91 @@
+"""CommonKV report: KV bytes (nbytes) vs FullKV, logit / NLL difference and TTFT / TPOT of rebuilding K/V
+from the latent, for groups of layer_step layers and ranks given as a fraction of FullKV's bytes.
+
+    python scripts/commonkv_report.py --model smollm2 --tokens 1024 --layer_steps 2,3,5 \
+        --fractions 0.5,0.25 --out benchmarks/commonkv/smollm2.json
+
+The prompt is the first --tokens tokens of data/ppl/hamlet.txt; NLL is teacher-forced over the prompt in
+one prefill forward (CommonKV's hooks give the prefill the low-rank K/V too); TPOT is the mean of
+--decode_steps greedy steps. A rank of fraction f stores f x (2 x kv_heads x head_dim) numbers per token
+and layer instead of K and V.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(model, ids, method, config, decode_steps):
+    import pyramidkv
+    from pyramidkv.cache import CompressedCache
+
+    with pyramidkv.compress(model, method, **config), torch.no_grad():
+        cache = CompressedCache(method, model.config, **config)
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache)
+        ttft = time.perf_counter() - start
+        nbytes = cache.nbytes()
+        logits = out.logits[0].float()
+        token = logits[-1].argmax().view(1, 1)
+        steps = []
+        for _ in range(decode_steps):
+            start = time.perf_counter()
+            step = model(token, past_key_values=cache)
+            steps.append(time.perf_counter() - start)
+            token = step.logits[0, -1].argmax().view(1, 1)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()
+    return {"ttft_s": ttft, "tpot_s": sum(steps) / max(1, len(steps)), "nbytes": nbytes, "nll": nll}, logits
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--layer_steps", default="2,3,5")
+    parser.add_argument("--fractions", default="0.5,0.25", help="rank as a fraction of FullKV's bytes per token")
+    parser.add_argument("--decode_steps", type=int, default=16)
+    parser.add_argument("--text", default=os.path.join(ROOT, "data", "ppl", "hamlet.txt"))
+    parser.add_argument("--out", default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    from pyramidkv.models import load_pretrained, resolve_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_pretrained(resolve_model(args.model), torch.float32, "sdpa", log=lambda *a: None)
+    with open(args.text) as handle:
+        ids = tokenizer(handle.read(), return_tensors="pt").input_ids[:, : args.tokens]
+    cfg = model.config
+    kv_dim = cfg.num_key_value_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    full, full_logits = run(model, ids, "fullkv", {}, args.decode_steps)
+    rows = [{"method": "FullKV", **full, "bytes_ratio": 1.0}]
+    print(f"FullKV: {full}", flush=True)
+    for step in [int(s) for s in args.layer_steps.split(",")]:
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            rank = round(fraction * 2 * kv_dim)
+            start = time.perf_counter()
+            result, logits = run(model, ids, "commonkv", {"layer_step": step, "rank": rank}, args.decode_steps)
+            rel = ((logits - full_logits).abs().max() / full_logits.abs().max()).item()
+            row = {"method": "CommonKV", "layer_step": step, "rank": rank, "merge": False, **result,
+                   "bytes_ratio": result["nbytes"] / full["nbytes"], "max_rel_logit_diff": rel,
+                   "nll_diff": result["nll"] - full["nll"], "wall_s": time.perf_counter() - start}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    payload = {"model": args.model, "tokens": int(ids.shape[1]), "kv_dim": kv_dim, "layers": cfg.num_hidden_layers,
+               "decode_steps": args.decode_steps, "torch_threads": torch.get_num_threads(), "rows": rows}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as handle:
+            json.dump(payload, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
