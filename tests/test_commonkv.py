@@ -119,6 +119,16 @@ def test_merge_bookkeeping_and_bytes():
             kept = torch.ones(140, dtype=torch.bool)
             kept[positions] = False
             assert torch.equal(latents[:, kept], plain.layers[l].latents[:, kept])
+    # the merged pairs are the most similar ones: mean cosine of the two layers' latents
+    sims, merged_flags = [], []
+    for g in (0, 2):
+        a, b = plain.layers[g].latents[0, 4:12], plain.layers[g + 1].latents[0, 4:12]
+        sims.append(torch.nn.functional.cosine_similarity(a, b, dim=-1))
+        flags = torch.zeros(8, dtype=torch.bool)
+        flags[cache.layers[g].shared["positions"][0] - 4] = True
+        merged_flags.append(flags)
+    sims, merged_flags = torch.cat(sims), torch.cat(merged_flags)
+    assert sims[merged_flags].min() >= sims[~merged_flags].max() - 1e-6
     with pyramidkv.compress(model, "commonkv", layer_step=2, rank=rank, merge=True):
         model(ids[:, :1], past_key_values=cache)  # decode appends one own latent per layer
     assert cache.nbytes() == (own + 4 + merged) * rank * 4
@@ -191,6 +201,10 @@ def test_bad_config_one_line(config, message):
     with pytest.raises(ValueError, match=message) as info:
         pyramidkv.methods.build_method("commonkv", **config)
     assert "\n" not in str(info.value)
+
+
+def test_runner_float_layer_step_accepted():
+    assert pyramidkv.methods.build_method("commonkv", layer_step=2.0).layer_step == 2
 
 
 def test_rank_above_full_rank_and_unsupported_family():
