@@ -26,12 +26,10 @@ import contextlib
 import contextvars
 import functools
 import importlib
-import importlib.util
 import inspect
 import threading
 import warnings
 
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import AttentionInterface
 
 from .attention_masks import _add_slot_bias, _hide_filler_slots
@@ -39,6 +37,7 @@ from . import chunked_prefill as _chunked_prefill
 from . import pos_shift as _pos_shift
 from .cache import ACTIVE_CACHE as _ACTIVE_CACHE
 from .cache import CompressedCache
+from .patch_checks import check_attention_implementation, check_cache_is_compressible
 from .methods import build_method
 
 # model family -> (module path, base model class names)
@@ -48,7 +47,6 @@ FAMILIES = {
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", ("Qwen2Model",)),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", ("Qwen3Model",)),
 }
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 _lock = threading.RLock()  # guards the module-level patch state below (scopes may open in threads)
 _original_attention: dict[tuple[object, str], object] = {}  # (namespace, name) -> original function
@@ -173,27 +171,6 @@ def _unwrap_attention_functions() -> None:
 
 
 # ---- model forward ------------------------------------------------------------------------------
-def check_attention_implementation(config, method=None) -> None:
-    """One-line error for a kernel pyramidkv cannot run (or cannot run `method` on: a method whose slots
-    carry a logit bias needs an additive mask, i.e. eager or sdpa)."""
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation={implementation!r} is not supported by pyramidkv; "
-            f"valid choices: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
-    if implementation == "flash_attention_2" and method is not None and method.uses_logit_bias:
-        raise ValueError(
-            f"attn_implementation='flash_attention_2' cannot add {method.name}'s per-slot logit bias "
-            f"(merged slots); valid choices for {method.name}: eager, sdpa"
-        )
-    if implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError(
-            "attn_implementation='flash_attention_2' needs the flash-attn package "
-            "(pip install -e .[flash] on a CUDA machine); valid choices without it: eager, sdpa"
-        )
-
-
 def _forward_with_compression(original_forward, get_method):
     """`original_forward(model, ...)` wrapped so that it runs on (and activates) a CompressedCache."""
     parameters = list(inspect.signature(original_forward).parameters)[1:]  # after `self`
@@ -211,7 +188,7 @@ def _forward_with_compression(original_forward, get_method):
         if use_cache is None:
             use_cache = model.config.use_cache
         if use_cache and not isinstance(cache, CompressedCache):
-            _check_cache_is_compressible(cache, model)
+            check_cache_is_compressible(cache, model)
         if isinstance(cache, CompressedCache) or use_cache:
             if not isinstance(cache, CompressedCache):
                 cache = CompressedCache(get_method(model), model.config)
@@ -252,23 +229,6 @@ def _slot_positions(model, cache, parameters, argument, args, kwargs):
     if index < len(args):
         return (*args[:index], positions, *args[index + 1:]), kwargs
     return args, {**kwargs, "position_ids": positions}
-
-
-def _check_cache_is_compressible(cache, model) -> None:
-    """A cache pyramidkv would leave uncompressed is an error, not a silent full-cache run."""
-    if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-        return
-    where = f"{type(model).__name__} runs under a pyramidkv patch"
-    if type(cache) is DynamicCache:
-        raise ValueError(
-            f"past_key_values is a DynamicCache already holding {cache.get_seq_length()} uncompressed tokens "
-            f"and {where}; pass a fresh cache, or the CompressedCache of a compressed run"
-        )
-    kind = "a transformers Cache" if isinstance(cache, Cache) else "not a Cache"
-    raise ValueError(
-        f"past_key_values of type {type(cache).__name__} ({kind}) cannot be compressed and {where}; "
-        f"valid: none, an empty DynamicCache or a pyramidkv.CompressedCache (no cache_implementation='static')"
-    )
 
 
 def _family_classes(family: str) -> tuple[object, list[type]]:
