@@ -17,6 +17,7 @@
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
+. "$ROOT/scripts/lib.sh"  # default_attn
 model_path=${1:-smollm2}
 methods=${METHODS:-FullKV SnapKV PyramidKV H2O StreamingLLM L2Norm ChunkKV}
 budgets=${BUDGETS:-128 512}
@@ -30,13 +31,7 @@ threads_flag=""
 [ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 examples_flag=""
 [ -n "$MAX_NUM_EXAMPLES" ] && examples_flag="--max_num_examples $MAX_NUM_EXAMPLES"
-if [ -n "$ATTN" ]; then
-    attn=$ATTN
-elif "$PYTHON" -c "import flash_attn" >/dev/null 2>&1; then
-    attn=flash_attention_2
-else
-    attn=sdpa
-fi
+attn=${ATTN:-$(default_attn)}
 save_dir=${SAVE_ROOT:-.}
 save_dir=${save_dir%/}/results_long_bench
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct)

@@ -24,17 +24,12 @@
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
+. "$ROOT/scripts/lib.sh"  # default_attn; quant_flags / quant_suffix from the QUANT_* variables
 
 export CUDA_VISIBLE_DEVICES=${1:-0}
 method=${2:-PyramidKV}
 max_capacity_prompts=${3:-128}
-if [ -n "$4" ]; then
-    attn_implementation=$4
-elif "$PYTHON" -c "import flash_attn" >/dev/null 2>&1; then
-    attn_implementation=flash_attention_2
-else
-    attn_implementation=sdpa
-fi
+attn_implementation=${4:-$(default_attn)}
 source_path=${5:-./}
 model_path=${6:-smollm2}
 if [ "$model_path" = "tiny" ]; then
@@ -53,17 +48,6 @@ save_dir=${source_path%/}/results_ruler
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
 # run_ruler.py names it; a one-line error for a model that resolves to nothing
 model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
-quant_flags=""
-quant_suffix=""
-[ -n "$QUANT_METHOD" ] && quant_flags="--quant_method $QUANT_METHOD"
-[ -n "$NBITS" ] && quant_flags="$quant_flags --nbits $NBITS"
-[ -n "$GROUP_SIZE" ] && quant_flags="$quant_flags --group_size $GROUP_SIZE"
-[ -n "$RESIDUAL_LENGTH" ] && quant_flags="$quant_flags --residual_length $RESIDUAL_LENGTH"
-if [ -n "$QUANT_METHOD" ] && [ "$QUANT_METHOD" != "none" ]; then
-    quant_suffix="_$QUANT_METHOD${NBITS:-4}"
-    [ -n "$GROUP_SIZE" ] && [ "$GROUP_SIZE" != 32 ] && quant_suffix="${quant_suffix}_g$GROUP_SIZE"
-    [ -n "$RESIDUAL_LENGTH" ] && [ "$RESIDUAL_LENGTH" != 32 ] && quant_suffix="${quant_suffix}_r$RESIDUAL_LENGTH"
-fi
 results_dir=$save_dir/${model_name}_$max_capacity_prompts$quant_suffix
 
 # shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose

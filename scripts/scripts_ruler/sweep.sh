@@ -13,6 +13,7 @@
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
+. "$ROOT/scripts/lib.sh"  # default_attn
 model_path=${1:-smollm2}
 methods=${METHODS:-FullKV SnapKV PyramidKV H2O StreamingLLM L2Norm}
 if [ "$model_path" = "tiny" ]; then
@@ -32,13 +33,7 @@ else
 fi
 threads_flag=""
 [ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
-if [ -n "$ATTN" ]; then
-    attn=$ATTN
-elif "$PYTHON" -c "import flash_attn" >/dev/null 2>&1; then
-    attn=flash_attention_2
-else
-    attn=sdpa
-fi
+attn=${ATTN:-$(default_attn)}
 save_dir=${SAVE_ROOT:-.}
 save_dir=${save_dir%/}/results_ruler
 # the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct)
