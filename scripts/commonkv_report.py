@@ -18,13 +18,13 @@ import os
 import sys
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def run(model, ids, method, config, decode_steps):
+    import torch
+
     import pyramidkv
     from pyramidkv.cache import CompressedCache
 
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--text", default=os.path.join(ROOT, "data", "ppl", "hamlet.txt"))
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help stays instant
+
     from pyramidkv.models import load_pretrained, resolve_model
 
     torch.manual_seed(0)
