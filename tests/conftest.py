@@ -74,3 +74,13 @@ def greedy(model, input_ids, new_tokens=6, **kwargs):
 def _undo_patches():
     yield
     pyramidkv.restore()
+
+
+def left_padded(rows):
+    """Rows [1, n_i] -> (batch [B, max n] left-padded with 0, attention mask)."""
+    width = max(row.shape[1] for row in rows)
+    batch = torch.cat([torch.cat([torch.zeros(1, width - row.shape[1], dtype=torch.long), row], dim=1) for row in rows])
+    mask = torch.ones_like(batch)
+    for index, row in enumerate(rows):
+        mask[index, : width - row.shape[1]] = 0
+    return batch, mask

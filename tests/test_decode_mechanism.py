@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyramidkv
-from conftest import greedy, prompt, tiny_model
+from conftest import greedy, left_padded, prompt, tiny_model
 
 PROMPT, CACHE, SINKS = 40, 16, 4
 
@@ -74,9 +74,7 @@ def test_manual_loop_short_prompt_grows_then_rolls():
 def test_padded_batch_rows_equal_single_runs(attn, method, config):
     model = tiny_model(attn=attn)
     long, short = prompt(PROMPT, seed=2), prompt(10, seed=3)  # the short row fills its cache while decoding
-    batch = torch.cat([long, torch.cat([torch.zeros(1, PROMPT - 10, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, : PROMPT - 10] = 0
+    batch, mask = left_padded([long, short])
     with pyramidkv.compress(model, method, max_cache_size=CACHE, **config):
         together = greedy(model, batch, new_tokens=20, attention_mask=mask)
         singles = [greedy(model, row, new_tokens=20) for row in (long, short)]

@@ -11,7 +11,7 @@ import torch
 
 import pyramidkv
 from pyramidkv.pos_shift import rotate
-from conftest import greedy, prompt, tiny_model
+from conftest import greedy, left_padded, prompt, tiny_model
 
 PROMPT, CACHE, SINKS = 40, 16, 4
 
@@ -105,9 +105,7 @@ def test_a_layer_holding_fewer_tokens_shifts_its_query():
 def test_padded_batch_rows_equal_single_runs(method, config):
     model = tiny_model()
     long, short = prompt(PROMPT, seed=2), prompt(10, seed=3)
-    batch = torch.cat([long, torch.cat([torch.zeros(1, PROMPT - 10, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, : PROMPT - 10] = 0
+    batch, mask = left_padded([long, short])
     with pyramidkv.compress(model, method, pos_shift=True, **config):
         together = greedy(model, batch, new_tokens=20, attention_mask=mask)
         singles = [greedy(model, row, new_tokens=20) for row in (long, short)]
