@@ -237,7 +237,7 @@ def _family_classes(family: str) -> tuple[object, list[type]]:
     return module, [getattr(module, name) for name in class_names]
 
 
-def _patch_family(family: str, built) -> None:
+def _patch_family(family: str, built, rebind: bool = True) -> None:
     _, classes = _family_classes(family)
     _wrap_attention_functions()
     with _lock:
@@ -245,7 +245,8 @@ def _patch_family(family: str, built) -> None:
             original = _class_patches[cls][0] if cls in _class_patches else cls.forward
             _class_patches[cls] = (original, built)
             cls.forward = _forward_with_compression(original, lambda model, cls=cls: _class_patches[cls][1])
-        _rebind_hooked_instances(classes)
+        if rebind:
+            _rebind_hooked_instances(classes)
 
 
 def _rebind_hooked_instances(classes) -> None:
@@ -270,7 +271,9 @@ def replace(method: str, **config) -> None:
     model is loaded is compressed. Undo with `pyramidkv.restore()`."""
     built = build_method(method, **config)
     for family in FAMILIES:
-        _patch_family(family, built)
+        _patch_family(family, built, rebind=False)
+    with _lock:
+        _rebind_hooked_instances(_class_patches)  # one scan of the heap for all families
 
 
 def replace_llama(method: str, **config) -> None:

@@ -125,7 +125,8 @@ def test_placement_refuses_a_gpu_it_does_not_see_and_shards_sharing_a_machine():
     assert placement.parse_max_memory("0=20GiB, cpu = 64GiB") == {0: "20GiB", "cpu": "64GiB"}
 
 
-def test_patch_after_loading_reaches_a_hooked_base_model(tmp_path):
+@pytest.mark.parametrize("patch", ["replace_llama", "replace"])  # one family / every family at once
+def test_patch_after_loading_reaches_a_hooked_base_model(tmp_path, patch):
     """A device_map that hooks the base model itself (accelerate keeps the forward it had when hooked):
     replace_llama after loading must still compress, and restore() must stop it."""
     from transformers import AutoModelForCausalLM
@@ -135,7 +136,7 @@ def test_patch_after_loading_reaches_a_hooked_base_model(tmp_path):
     assert hasattr(model.model, "_hf_hook")  # the case under test
     ids = torch.randint(3, 90, (1, 200), generator=torch.Generator().manual_seed(0))
     generate = lambda: model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)  # noqa: E731
-    pyramidkv.replace_llama("snapkv", max_capacity_prompt=64)
+    getattr(pyramidkv, patch)("snapkv", max_capacity_prompt=64)
     cache = generate().past_key_values
     assert isinstance(cache, pyramidkv.CompressedCache) and cache.kept_tokens() == [64, 64]
     pyramidkv.restore()

@@ -27,15 +27,11 @@ from .snapkv import SnapKV
 
 
 def check_per_head_method(method) -> None:
-    """One-line errors for options the per-head storage cannot take yet."""
+    """One-line errors for options the per-head storage cannot take yet (pos_shift and prefill_chunk_size
+    are refused earlier, by KVMethod's own checks in pos_shift.py / chunked_prefill.py)."""
     if getattr(method, "quant_method", "none") != "none":
         raise ValueError(f"quant_method={method.quant_method!r} with {method.name}'s per-head storage is not "
                          f"supported yet; valid choices: quant_method='none'")
-    if getattr(method, "pos_shift", False):
-        raise ValueError(f"pos_shift=True with {method.name}'s per-head storage is not supported yet; valid: pos_shift=False")
-    if getattr(method, "prefill_chunk_size", None) is not None:
-        raise ValueError(f"prefill_chunk_size={method.prefill_chunk_size!r} with {method.name}'s per-head storage is not "
-                         f"supported yet; valid: prefill_chunk_size=None")
 
 
 def per_head_keep(prefix_scores: torch.Tensor, head_budgets: Sequence[Sequence[int] | None], seq_len: int,
