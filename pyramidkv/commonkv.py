@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .cache import ACTIVE_CACHE, CompressedLayer
+from .pos_shift import rotate_half
 
 SUPPORTED_FAMILIES = ("llama", "mistral")
 CACHE_DIR = Path(os.environ.get("PYRAMIDKV_CACHE_DIR", Path.home() / ".cache" / "pyramidkv")) / "commonkv"
@@ -156,11 +157,6 @@ def install_hooks(model) -> None:
         attn._pyramidkv_commonkv_hooks = True
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LatentLayer(CompressedLayer):
     """Stores per-token latents [B, T, r] (pre-RoPE) and their true positions; rebuilds K/V per forward."""
 
@@ -232,7 +228,7 @@ class LatentLayer(CompressedLayer):
         values = (latents @ f["Uv"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
         cos, sin = self.method.rotary(keys, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return keys * cos + _rotate_half(keys) * sin, values
+        return keys * cos + rotate_half(keys) * sin, values
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("CommonKV's latent cache cannot be cropped; valid choices: a fresh cache per generate call")

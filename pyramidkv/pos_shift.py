@@ -36,13 +36,17 @@ def check_method(method) -> None:
                          f"(merged keys) does not have; valid with eviction methods and CaM")
 
 
+def rotate_half(states: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotate-half layout (Llama, Mistral, Qwen): [x1, x2] -> [-x2, x1]."""
+    half = states.shape[-1] // 2
+    return torch.cat([-states[..., half:], states[..., :half]], dim=-1)
+
+
 def rotate(states: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Post-RoPE states [B, H, N, D] moved by `delta` positions ([B, H, N] or broadcastable)."""
     angle = delta.to(torch.float32)[..., None] * inv_freq.to(states.device, torch.float32)  # [.., D/2]
     cos, sin = torch.cat([angle.cos()] * 2, dim=-1), torch.cat([angle.sin()] * 2, dim=-1)
-    half = states.shape[-1] // 2
-    rotated_half = torch.cat([-states[..., half:], states[..., :half]], dim=-1).float()
-    return (states.float() * cos + rotated_half * sin).to(states.dtype)
+    return (states.float() * cos + rotate_half(states).float() * sin).to(states.dtype)
 
 
 def _inv_freq(model) -> torch.Tensor:
