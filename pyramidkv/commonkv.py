@@ -7,9 +7,10 @@ fp32 SVD W = U S V^T: the shared down-projection A = V^T[:r] (hidden -> r) and p
 up-projections U_k, U_v = (U S)[:, :r] split per layer and K/V. k = W_k h = U_k (A h) exactly at full
 rank. A layer with its own rank r_l (rank file) uses the first r_l rows of A (the SVD orders them).
 
-Inference: forward hooks on each attention's k_proj / v_proj. While a CommonKV cache is active the
-k_proj hook computes the latent z = A_l h, hands it to the cache layer and returns U_k z; v_proj
-returns U_v z. Without one the hooks return None, so the projection's own output is used unchanged.
+Inference: each attention's k_proj / v_proj forward is replaced by _projection_forward. While a
+CommonKV cache is active it skips the projection's own matmul: k_proj computes the latent z = A_l h,
+hands it to the cache layer and returns U_k z; v_proj returns U_v z. Without one it runs the
+projection's own forward, so the output is exactly unchanged.
 The LatentLayer stores z (rank r per token, pre-RoPE) and the true position of each slot; update()
 returns K = RoPE(U_k z, positions) and V = U_v z per KV head, so attention (GQA included) is unchanged.
 
@@ -23,6 +24,7 @@ import hashlib
 import math
 import json
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -124,36 +126,32 @@ def _active_latent_layer(layer_idx):
     return cache, cache.layers[layer_idx]
 
 
-def _k_hook(attn):
-    def hook(module, inputs, output):
-        cache, layer = _active_latent_layer(attn.layer_idx)
-        if layer is None:
-            return None  # not CommonKV: the projection's own output
-        f = cache.method.device_factors(attn.layer_idx, inputs[0])
-        latent = inputs[0] @ f["A"].T
-        layer.pending_latent = latent
-        return latent @ f["Uk"].T
-    return hook
-
-
-def _v_hook(attn):
-    def hook(module, inputs, output):
-        cache, layer = _active_latent_layer(attn.layer_idx)
-        if layer is None:
-            return None
-        f = cache.method.device_factors(attn.layer_idx, inputs[0])
-        latent = layer.pending_latent if layer.pending_latent is not None else inputs[0] @ f["A"].T
-        return latent @ f["Uv"].T
-    return hook
+def _projection_forward(self, hidden):
+    """k_proj / v_proj forward, bound to the projection (types.MethodType, so deepcopy rebinds it). While
+    a CommonKV cache is active the projection's own hidden x kv_dim matmul is skipped: k_proj computes
+    the latent z = A_l h (handed to the cache layer) and returns U_k z, v_proj reuses z and returns U_v z.
+    Otherwise the projection's own forward runs, so its output is exactly unchanged."""
+    role, layer_idx = self._pyramidkv_commonkv
+    cache, layer = _active_latent_layer(layer_idx)
+    if layer is None:
+        inner = self.__dict__.get("_pyramidkv_inner_forward")  # a forward someone set before us (accelerate)
+        return inner(hidden) if inner is not None else type(self).forward(self, hidden)
+    f = cache.method.device_factors(layer_idx, hidden)
+    if role == "k" or layer.pending_latent is None:
+        layer.pending_latent = hidden @ f["A"].T
+    return layer.pending_latent @ (f["Uk"] if role == "k" else f["Uv"]).T
 
 
 def install_hooks(model) -> None:
-    """Idempotent: one k_proj and one v_proj hook per attention module."""
+    """Idempotent: k_proj / v_proj of every attention get _projection_forward as their forward."""
     for attn in _attention_modules(model):
         if getattr(attn, "_pyramidkv_commonkv_hooks", False):
             continue
-        attn.k_proj.register_forward_hook(_k_hook(attn))
-        attn.v_proj.register_forward_hook(_v_hook(attn))
+        for role, proj in (("k", attn.k_proj), ("v", attn.v_proj)):
+            proj._pyramidkv_commonkv = (role, attn.layer_idx)
+            if "forward" in proj.__dict__:
+                proj._pyramidkv_inner_forward = proj.__dict__["forward"]
+            proj.forward = types.MethodType(_projection_forward, proj)
         attn._pyramidkv_commonkv_hooks = True
 
 
@@ -165,7 +163,7 @@ class LatentLayer(CompressedLayer):
         self.method, self.layer_idx = method, layer_idx
         self.latents: torch.Tensor | None = None  # [B, T, r]
         self.positions: torch.Tensor | None = None  # [B, T] int64, the RoPE position of each slot
-        self.pending_latent: torch.Tensor | None = None  # this forward's new latents, from the k_proj hook
+        self.pending_latent: torch.Tensor | None = None  # this forward's new latents, from k_proj (_projection_forward)
 
         self.shared: dict | None = None  # after a cross-layer merge: the group's merged latents, stored once
         self.own_prefill = 0  # prefill slots this layer keeps itself (the rest are in `shared`)
@@ -191,7 +189,7 @@ class LatentLayer(CompressedLayer):
             self.lazy_initialization(key_states, value_states)
         latent = self.pending_latent
         if latent is None:
-            raise ValueError("CommonKV: the cache layer got K/V without a latent (k_proj hook not installed); "
+            raise ValueError("CommonKV: the cache layer got K/V without a latent (k_proj not wrapped); "
                              "run inside pyramidkv.compress(model, 'commonkv') or after replace_*('commonkv')")
         self.pending_latent = None
         batch, new = latent.shape[0], latent.shape[1]

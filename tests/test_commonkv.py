@@ -216,3 +216,27 @@ def test_rank_above_full_rank_and_unsupported_family():
     with pytest.raises(ValueError, match="does not support model family 'qwen3'"):
         with pyramidkv.compress(qwen, "commonkv"):
             qwen(prompt(8))
+
+
+def test_original_projection_matmul_skipped_while_commonkv_active(monkeypatch):
+    # the k_proj / v_proj weights' own matmul (F.linear in nn.Linear.forward) must not run under CommonKV
+    model = tiny_model(layers=3)
+    ids = prompt(12)
+    projections = {id(p.weight) for layer in model.model.layers for p in (layer.self_attn.k_proj, layer.self_attn.v_proj)}
+    calls = [0]
+    original = torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        calls[0] += id(weight) in projections
+        return original(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    ref = model(ids).logits
+    assert calls[0] == 6  # the count works: 3 layers x (k, v) without pyramidkv
+    with pyramidkv.compress(model, "commonkv", layer_step=2):
+        calls[0] = 0
+        out = _generate(model, ids)
+        assert calls[0] == 0
+    assert torch.equal(model(ids).logits, ref)  # wrapped but inactive: the projection's own output
+    assert calls[0] == 6
+    assert ((out.logits[0] - ref[:, -1]).abs().max() / ref.abs().max()).item() < 1e-4  # full rank still exact
