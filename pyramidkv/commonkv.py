@@ -198,12 +198,32 @@ class LatentLayer(CompressedLayer):
         if self.latents is None:
             self.latents, self.positions = latent.contiguous(), positions.contiguous()
             self.kept_after_prefill, self.kept_per_row = new, [new] * batch
+            # evict_method: the attention hook calls CommonKV.compress after this layer's attention
+            self.needs_compression = self.method._evictor is not None
             if self.method.merge and self.layer_idx == self.method.num_layers - 1:
                 merge_groups(self.method.cache_layers())
             return key_states, value_states  # this forward's K/V are exactly U z (RoPE applied by the model)
         self.latents = torch.cat([self.latents, latent], dim=1)  # decode: appended after the prefill slots
         self.positions = torch.cat([self.positions, positions], dim=1)
         return self.rebuild(key_states.shape[1], key_states.shape[-1])
+
+    def keep_slots(self, keep: torch.Tensor | None) -> None:
+        """evict_method: keep prefill slots `keep` [B, K] (row b's kept positions in its last slots, the
+        fillers before them hidden by store_compressed's filler_slots); None = every slot."""
+        if keep is None:
+            return
+        keep = keep.to(self.latents.device)
+        self.latents = self.latents.gather(1, keep[..., None].expand(-1, -1, self.latents.shape[-1])).contiguous()
+        self.positions = self.positions.gather(1, keep).contiguous()
+
+    def store_compressed(self, keys, values, kept_per_row, real_lengths, slot_bias=None) -> None:
+        # the latents were kept by keep_slots; only the slot bookkeeping of CompressedLayer's contract
+        self.needs_compression = False
+        slots = self.latents.shape[1]
+        self.kept_after_prefill, self.kept_per_row = slots, kept_per_row
+        if any(kept < min(length, slots) for kept, length in zip(kept_per_row, real_lengths)):
+            fillers = torch.tensor([slots - kept for kept in kept_per_row], device=self.latents.device)
+            self.filler_slots = torch.arange(slots, device=self.latents.device)[None, :] < fillers[:, None]
 
     def all_latents(self):
         """(latents, positions) of every slot, merged ones (stored once in `shared`) in prompt order."""

@@ -7,7 +7,15 @@ layer_step: layers per group (the last group holds the remainder). rank: latent 
 (None = the group's full rank, exact up to fp error); rank_file: JSON list of one rank per layer.
 merge=True: cross-layer merge after prefill (batch of one; pyramidkv.commonkv.merge_groups), no_merge_ratio
 of the (group, position) pairs stay per layer, first 4 / last 128 positions never merged.
-Not yet supported (one-line errors): evict_method, quant_method.
+evict_method (e.g. "SnapKV", budgets max_capacity_prompt / compress_ratio / keep_ratio, window_size,
+kernel_size, pooling as for that method; its other parameters at their defaults): after each layer's
+prefill attention the eviction method scores the prompt from the rebuilt post-RoPE K and the window's
+queries (its own score / select machinery); the latent is shared by the layer's KV heads, so the
+selection is one per layer: the method's per-KV-head scores (GQA groups averaged, as kv_head selection)
+summed over the KV heads. The layer then keeps only those positions' latents and positions.
+Not yet supported (one-line errors): evict_method with merge=True (after eviction the layers of a group
+keep different positions, so position-wise merging has no common slots), gqa_selection="query_head"
+with evict_method (latents are per layer, not per head).
 The KV bytes are nbytes() = sum over layers of tokens x rank x element size (FullKV: tokens x 2 x
 kv_heads x head_dim x element size).
 """
@@ -15,6 +23,7 @@ kv_heads x head_dim x element size).
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass
 
 from .base import KVMethod
@@ -49,8 +58,7 @@ class CommonKV(KVMethod):
         if self.merge_weights is not None and len(self.merge_weights) != self.layer_step:
             raise ValueError(f"merge_weights={self.merge_weights!r} is invalid: give one weight per layer of a group "
                              f"(layer_step={self.layer_step})")
-        if self.evict_method is not None:
-            raise ValueError(f"CommonKV with evict_method={self.evict_method!r} not supported yet; valid choices: None")
+        self._evictor = None if self.evict_method is None else _build_evictor(self)
         if self.quant_method != "none":
             raise ValueError(f"CommonKV with quant_method={self.quant_method!r} not supported yet; valid choices: none")
         self._model = self._factors = self._cache_layers = None
@@ -58,7 +66,16 @@ class CommonKV(KVMethod):
         self._device_factors = {}
 
     def layer_budgets(self, seq_len: int, num_layers: int) -> list[int]:
+        if self._evictor is not None:
+            return self._evictor.layer_budgets(seq_len, num_layers)  # its schedule (PyramidKV's pyramid)
         return [seq_len] * num_layers
+
+    def compress(self, x, budget):
+        """evict_method: after layer x.layer_idx's prefill attention, keep the positions the eviction
+        method selects (one selection per layer, see the module docstring) in the latent layer."""
+        keep = self._evictor.select(x, budget)  # [B, heads, K], every head the same, or None = all
+        self.cache_layers()[x.layer_idx].keep_slots(None if keep is None else keep[:, 0])
+        return None, None  # LatentLayer.store_compressed only does the bookkeeping
 
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -97,3 +114,40 @@ class CommonKV(KVMethod):
 
         cache = ACTIVE_CACHE.get()
         return None if cache is None else cache.padding_mask
+
+
+def evict_choices() -> list[str]:
+    """Methods usable as CommonKV's evict_method: scorers that keep whole tokens in dense storage (no
+    merging, per-head budgets or own layout: those cannot map onto one latent per position)."""
+    from . import METHODS
+
+    return [name for name, cls in METHODS.items() if cls.score is not KVMethod.score
+            and cls.compress is KVMethod.compress and cls.select is KVMethod.select
+            and cls.new_layer is KVMethod.new_layer]
+
+
+def _heads_summed(self, scores, x):
+    # one selection per layer: the kv_head scores of every KV head, summed per position
+    return KVMethod.selection_heads(self, scores, x).sum(dim=1, keepdim=True)
+
+
+def _build_evictor(method: CommonKV) -> KVMethod:
+    from . import METHODS, canonical_name
+
+    choices = evict_choices()
+    try:
+        name = canonical_name(method.evict_method)
+    except ValueError:
+        name = None
+    if name not in choices:
+        raise ValueError(f"CommonKV evict_method={method.evict_method!r} is invalid; valid choices: {', '.join(choices)}")
+    if method.merge:
+        raise ValueError(f"CommonKV merge=True with evict_method={method.evict_method!r} is not supported (evicted "
+                         f"layers keep different positions); valid choices: merge=False, or evict_method=None")
+    if method.gqa_selection != "kv_head":
+        raise ValueError(f"CommonKV with evict_method selects per layer (latents are shared by the heads), so "
+                         f"gqa_selection={method.gqa_selection!r} is invalid; valid choices: kv_head")
+    fields = ("max_capacity_prompt", "compress_ratio", "keep_ratio", "window_size", "kernel_size", "pooling")
+    evictor = METHODS[name](**{field: getattr(method, field) for field in fields})
+    evictor.selection_heads = types.MethodType(_heads_summed, evictor)
+    return evictor

@@ -1,0 +1,144 @@
+"""CommonKV combined with eviction (evict_method), latent quantization (quant_method='kivi') and
+cross-layer merge in a batch (pyramidkv/commonkv.py, commonkv_quant.py, methods/commonkv.py)."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyramidkv
+from pyramidkv import commonkv, predict
+from pyramidkv.cache import CompressedCache
+
+from conftest import left_padded, prompt, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def factor_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(commonkv, "CACHE_DIR", tmp_path / "commonkv")
+    commonkv._MEMORY.clear()
+
+
+def _generate(model, ids, **kw):
+    return model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, **kw)
+
+
+def _prefill(model, ids, capture=None, **config):
+    with pyramidkv.compress(model, "commonkv", **config):
+        cache = CompressedCache("commonkv", model.config, **config)
+        model(ids, past_key_values=cache)
+    return cache
+
+
+# ---- evict_method ------------------------------------------------------------------------------
+def test_evict_budget_above_prompt_is_exactly_no_evict():
+    model = tiny_model(layers=3)
+    ids = prompt(30)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8):
+        ref = _generate(model, ids)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8, evict_method="SnapKV", max_capacity_prompt=64):
+        out = _generate(model, ids)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
+
+
+def _snapkv_reference(query, key, budget, window, kernel, scaling):
+    """By hand: SnapKV's pooled window votes, averaged over each KV head's query group, summed over the KV
+    heads; the top (budget - window) prefix positions plus the window."""
+    heads, kv_heads, seq = query.shape[1], key.shape[1], key.shape[2]
+    keys = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = (query[0, :, -window:].float() @ keys[0].float().transpose(1, 2)) * scaling  # [Hq, w, S]
+    q_pos = torch.arange(seq - window, seq)[:, None]
+    logits = logits.masked_fill(torch.arange(seq)[None, :] > q_pos, float("-inf"))
+    votes = logits.softmax(-1)[..., : seq - window].sum(1)  # [Hq, S - w]
+    pooled = F.max_pool1d(votes[:, None], kernel, stride=1, padding=kernel // 2)[:, 0, : seq - window]
+    per_kv = pooled.view(kv_heads, heads // kv_heads, -1).mean(1).sum(0)
+    top = per_kv.argsort(descending=True, stable=True)[: budget - window].sort().values
+    return torch.cat([top, torch.arange(seq - window, seq)])
+
+
+def test_evict_kept_positions_equal_hand_reference_and_nbytes(monkeypatch):
+    model = tiny_model(layers=3)  # 4 query heads, 2 KV heads: GQA
+    ids, rank, budget, window = prompt(40), 8, 16, 4
+    seen = {}
+    original = CompressedCache.compress_layer
+
+    def recording(self, layer_idx, query, keys, values, scaling):
+        seen[layer_idx] = (query.clone(), keys.clone(), scaling)
+        return original(self, layer_idx, query, keys, values, scaling)
+
+    monkeypatch.setattr(CompressedCache, "compress_layer", recording)
+    config = dict(layer_step=2, rank=rank, evict_method="snapkv", max_capacity_prompt=budget, window_size=window,
+                  kernel_size=3)
+    plain = _prefill(model, ids, layer_step=2, rank=rank)
+    cache = _prefill(model, ids, **config)
+    assert sorted(seen) == [0, 1, 2]
+    for layer_idx, (query, keys, scaling) in seen.items():
+        layer = cache.layers[layer_idx]
+        expected = _snapkv_reference(query, keys, budget, window, 3, scaling)
+        assert torch.equal(layer.positions[0], expected)
+        assert torch.equal(layer.latents, plain.layers[layer_idx].latents[:, expected])  # the kept latents
+        # the scored K are the ones rebuilt from the latent (full rank: = the model's K up to fp error)
+        rebuilt, _ = plain.layers[layer_idx].rebuild(keys.shape[1], keys.shape[-1])
+        assert torch.allclose(rebuilt, keys, atol=1e-5)
+    assert cache.kept_tokens() == [budget] * 3
+    assert cache.nbytes() == 3 * budget * rank * 4  # kept x rank x fp32 per layer
+    with pyramidkv.compress(model, "commonkv", **config):
+        model(ids[:, :1], past_key_values=cache)  # decode appends one latent per layer
+    assert cache.nbytes() == 3 * (budget + 1) * rank * 4
+
+
+def test_evict_pyramid_schedule_bytes_per_layer():
+    model = tiny_model(layers=4)
+    ids, rank = prompt(60), 4
+    cache = _prefill(model, ids, layer_step=2, rank=rank, evict_method="PyramidKV", max_capacity_prompt=24)
+    kept = cache.kept_tokens()
+    expected = pyramidkv.methods.build_method("pyramidkv", max_capacity_prompt=24).layer_budgets(60, 4)
+    assert kept == expected and len(set(kept)) > 1  # the pyramid: per-layer budgets
+    assert cache.nbytes() == sum(kept) * rank * 4
+    assert [layer.latents.shape[1] for layer in cache.layers] == kept
+
+
+@pytest.mark.parametrize("budget", [{"max_capacity_prompt": 20}, {"keep_ratio": 0.5}])  # ratio: rows below K
+def test_evict_left_padded_rows_equal_single_runs(budget):
+    model = tiny_model(layers=2)
+    rows = [prompt(40, seed=2), prompt(28, seed=3)]
+    ids, mask = left_padded(rows)
+    config = dict(layer_step=2, rank=8, evict_method="SnapKV", window_size=4, **budget)
+    with pyramidkv.compress(model, "commonkv", **config):
+        batch = _generate(model, ids, attention_mask=mask)
+        singles = [_generate(model, row) for row in rows]
+        if "keep_ratio" in budget:  # the short row keeps 14 of the 20 slots: 6 hidden fillers
+            cache = CompressedCache("commonkv", model.config, **config)
+            model(ids, attention_mask=mask, past_key_values=cache)
+            assert cache.kept_tokens_per_row()[0] == [20, 14] and cache.layers[0].filler_slots[1].sum() == 6
+    for b, single in enumerate(singles):
+        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
+        for a, s in zip(batch.logits, single.logits):
+            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"evict_method": "bogus"}, "evict_method='bogus' is invalid; valid choices: .*SnapKV"),
+    ({"evict_method": "AdaKV"}, "evict_method='AdaKV' is invalid; valid choices: .*SnapKV"),
+    ({"evict_method": "SnapKV", "merge": True}, "merge=True with evict_method='SnapKV' is not supported"),
+    ({"evict_method": "SnapKV", "gqa_selection": "query_head"}, "gqa_selection='query_head' is invalid"),
+])
+def test_evict_bad_config_one_line(config, message):
+    with pytest.raises(ValueError, match=message) as info:
+        pyramidkv.methods.build_method("commonkv", **config)
+    assert "\n" not in str(info.value)
+
+
+def test_runner_flags_reach_commonkv():
+    import run_longbench
+    import run_ruler
+
+    argv = ["--method", "CommonKV", "--evict_method", "SnapKV", "--max_capacity_prompts", "64", "--layer_step", "2"]
+    for runner in (run_ruler, run_longbench):
+        args = runner.build_parser().parse_args([*argv, *(["--model_path", "x"] if runner is run_longbench else [])])
+        predict.validate_method_args(args)
+        built = pyramidkv.methods.build_method(args.method, **predict.method_config(args))
+        assert (built.evict_method, built.max_capacity_prompt, built.layer_step) == ("SnapKV", 64, 2)
