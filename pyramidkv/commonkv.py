@@ -13,6 +13,9 @@ hands it to the cache layer and returns U_k z; v_proj returns U_v z. Without one
 projection's own forward, so the output is exactly unchanged.
 The LatentLayer stores z (rank r per token, pre-RoPE) and the true position of each slot; update()
 returns K = RoPE(U_k z, positions) and V = U_v z per KV head, so attention (GQA included) is unchanged.
+With evict_method the layer keeps only the positions the eviction method selects after its prefill
+attention (keep_slots / store_compressed); with quant_method="kivi" its latents are stored quantized
+(QuantLatentLayer, pyramidkv/commonkv_quant.py).
 
 Factors are cached in memory and on disk (~/.cache/pyramidkv/commonkv/<fingerprint>.pt, fingerprint =
 sha1 of the K/V weights + settings), so the SVD runs once per model and setting.
@@ -200,12 +203,22 @@ class LatentLayer(CompressedLayer):
             self.kept_after_prefill, self.kept_per_row = new, [new] * batch
             # evict_method: the attention hook calls CommonKV.compress after this layer's attention
             self.needs_compression = self.method._evictor is not None
+            if not self.needs_compression:
+                self._prefill_stored(None)
             if self.method.merge and self.layer_idx == self.method.num_layers - 1:
                 merge_groups(self.method.cache_layers())
             return key_states, value_states  # this forward's K/V are exactly U z (RoPE applied by the model)
-        self.latents = torch.cat([self.latents, latent], dim=1)  # decode: appended after the prefill slots
-        self.positions = torch.cat([self.positions, positions], dim=1)
+        self._append(latent, positions)
         return self.rebuild(key_states.shape[1], key_states.shape[-1])
+
+    def _append(self, latent: torch.Tensor, positions: torch.Tensor) -> None:
+        # decode: appended after the prefill slots
+        self.latents = torch.cat([self.latents, latent], dim=1)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+
+    def _prefill_stored(self, kept_per_row: list[int] | None) -> None:
+        """Called once the prefill's latents are final (kept_per_row: each row's real kept slots, the last
+        ones; None = from the padding mask). A storage subclass (commonkv_quant.py) converts them here."""
 
     def keep_slots(self, keep: torch.Tensor | None) -> None:
         """evict_method: keep prefill slots `keep` [B, K] (row b's kept positions in its last slots, the
@@ -224,6 +237,7 @@ class LatentLayer(CompressedLayer):
         if any(kept < min(length, slots) for kept, length in zip(kept_per_row, real_lengths)):
             fillers = torch.tensor([slots - kept for kept in kept_per_row], device=self.latents.device)
             self.filler_slots = torch.arange(slots, device=self.latents.device)[None, :] < fillers[:, None]
+        self._prefill_stored(kept_per_row)
 
     def all_latents(self):
         """(latents, positions) of every slot, merged ones (stored once in `shared`) in prompt order."""
@@ -239,8 +253,8 @@ class LatentLayer(CompressedLayer):
         return self.physical_length + (0 if self.shared is None else self.shared["latents"].shape[1])
 
     def rebuild(self, kv_heads: int, head_dim: int):
-        f = self.method.device_factors(self.layer_idx, self.latents)
         latents, positions = self.all_latents()
+        f = self.method.device_factors(self.layer_idx, latents)
         batch, length, _ = latents.shape
         keys = (latents @ f["Uk"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
         values = (latents @ f["Uv"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)

@@ -194,7 +194,6 @@ def test_projections_unchanged_without_commonkv_cache():
     ({"rank": 0}, "rank=0 is invalid"),
     ({"merge": True, "merge_weights": [1.0]}, "give one weight per layer of a group"),
     ({"no_merge_ratio": 1.5}, "no_merge_ratio=1.5 is invalid"),
-    ({"quant_method": "kivi"}, "quant_method='kivi' not supported yet"),
 ])
 def test_bad_config_one_line(config, message):
     with pytest.raises(ValueError, match=message) as info:

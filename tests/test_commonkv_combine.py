@@ -136,9 +136,94 @@ def test_runner_flags_reach_commonkv():
     import run_longbench
     import run_ruler
 
-    argv = ["--method", "CommonKV", "--evict_method", "SnapKV", "--max_capacity_prompts", "64", "--layer_step", "2"]
+    argv = ["--method", "CommonKV", "--evict_method", "SnapKV", "--max_capacity_prompts", "64", "--layer_step", "2",
+            "--quant_method", "kivi", "--nbits", "8"]
     for runner in (run_ruler, run_longbench):
         args = runner.build_parser().parse_args([*argv, *(["--model_path", "x"] if runner is run_longbench else [])])
         predict.validate_method_args(args)
         built = pyramidkv.methods.build_method(args.method, **predict.method_config(args))
         assert (built.evict_method, built.max_capacity_prompt, built.layer_step) == ("SnapKV", 64, 2)
+        assert (built.quant_method, built.nbits) == ("kivi", 8)
+
+
+# ---- quant_method="kivi" ------------------------------------------------------------------------
+QUANT = dict(quant_method="kivi", group_size=16, residual_length=8)
+
+
+def _quant_bytes(tokens, rank, nbits, group=16, full=8, element=4):
+    """The packed formula of commonkv_quant.py for one row of one layer."""
+    q = max(0, (tokens - full) // group) * group
+    return q * rank * nbits // 8 + 2 * (q // group) * rank * element + (tokens - q) * rank * element
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_quant_nbytes_is_packed_formula_prefill_and_decode(nbits):
+    model = tiny_model(layers=3)
+    ids, rank = prompt(100), 8
+    config = dict(layer_step=2, rank=rank, nbits=nbits, **QUANT)
+    with pyramidkv.compress(model, "commonkv", **config):
+        cache = CompressedCache("commonkv", model.config, **config)
+        model(ids, past_key_values=cache)
+        assert cache.nbytes() == 3 * _quant_bytes(100, rank, nbits)  # 80 tokens quantized, 20 in full precision
+        assert cache.nbytes() < _prefill(model, ids, layer_step=2, rank=rank).nbytes()
+        for step in range(13):  # 100 + 13 - 8 = 105 >= 6 x 16: a sixth group is quantized at the last step
+            model(ids[:, :1], past_key_values=cache)
+        assert cache.nbytes() == 3 * _quant_bytes(113, rank, nbits)
+        assert [layer.physical_length for layer in cache.layers] == [113] * 3
+        assert cache.layers[0].rows[0].codes.shape == (96, rank * nbits // 8)
+
+
+def test_quant_8bit_logits_close_to_unquantized_and_2bit_lossier():
+    model = tiny_model(layers=3)
+    ids = prompt(100)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8):
+        ref = _generate(model, ids)
+    errors = {}
+    for nbits in (8, 2):
+        with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8, nbits=nbits, **QUANT):
+            out = _generate(model, ids)
+        errors[nbits] = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(ref.logits[1:], out.logits[1:]))
+        assert torch.equal(ref.logits[0], out.logits[0])  # prefill attention runs on full precision
+    assert 0 < errors[8] < 1e-2  # the decode steps read the dequantized latents
+    assert errors[2] > 10 * errors[8]
+
+
+def test_quant_with_evict_bytes_and_padded_rows_equal_single_runs():
+    model = tiny_model(layers=2)
+    rows = [prompt(90, seed=2), prompt(70, seed=3)]
+    ids, mask = left_padded(rows)
+    config = dict(layer_step=2, rank=8, nbits=4, evict_method="SnapKV", max_capacity_prompt=60, **QUANT)
+    with pyramidkv.compress(model, "commonkv", **config):
+        cache = CompressedCache("commonkv", model.config, **config)
+        model(rows[0], past_key_values=cache)
+        assert cache.nbytes() == 2 * _quant_bytes(60, 8, 4)  # kept tokens quantized
+        batch = _generate(model, ids, attention_mask=mask)
+        singles = [_generate(model, row) for row in rows]
+    for b, single in enumerate(singles):
+        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
+        for a, s in zip(batch.logits, single.logits):
+            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+    no_evict = dict(layer_step=2, rank=8, nbits=4, **QUANT)  # a padded row without eviction: its real tokens only
+    with pyramidkv.compress(model, "commonkv", **no_evict):
+        cache = CompressedCache("commonkv", model.config, **no_evict)
+        model(ids, attention_mask=mask, past_key_values=cache)
+    assert cache.nbytes() == 2 * (_quant_bytes(90, 8, 4) + _quant_bytes(70, 8, 4))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"quant_method": "kivi", "nbits": 3}, "nbits=3 is invalid; valid choices: 2, 4, 8"),
+    ({"quant_method": "kivi", "merge": True}, "merge=True with quant_method='kivi' is not supported"),
+    ({"quant_method": "int4"}, "quant_method='int4' is unknown; valid choices: none, kivi"),
+])
+def test_quant_bad_config_one_line(config, message):
+    with pytest.raises(ValueError, match=message) as info:
+        pyramidkv.methods.build_method("commonkv", **config)
+    assert "\n" not in str(info.value)
+
+
+def test_quant_rank_not_packable_one_line():
+    model = tiny_model(layers=2)
+    with pytest.raises(ValueError, match="rank=6 of layer 0 cannot be packed 4 codes per byte at nbits=2") as info:
+        with pyramidkv.compress(model, "commonkv", layer_step=2, rank=6, quant_method="kivi", nbits=2):
+            model(prompt(8))
+    assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ import torch
 
 import pyramidkv
 from pyramidkv.method_flags import budget_name
+from pyramidkv.commonkv_quant import QuantLatentLayer
 from pyramidkv.quant import QuantizedLayer, pack, unpack, unpack_as
 from conftest import greedy, prompt, tiny_model
 
@@ -246,7 +247,7 @@ def test_every_method_composes_with_8bit_quantization():
             continue  # needs settings this model cannot give (HeadKV's scores file of another model)
         with torch.no_grad(), pyramidkv.compress(model, name, **config, nbits=8, **QUANT):
             out = greedy(model, ids, new_tokens=8)
-        assert isinstance(out.past_key_values.layers[-1], QuantizedLayer), name
+        assert isinstance(out.past_key_values.layers[-1], (QuantizedLayer, QuantLatentLayer)), name  # CommonKV: latents
         assert torch.equal(out.sequences, reference.sequences), name
         assert out.past_key_values.nbytes() < reference.past_key_values.nbytes(), name
         checked.append(name)

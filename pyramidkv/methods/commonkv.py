@@ -13,7 +13,11 @@ prefill attention the eviction method scores the prompt from the rebuilt post-Ro
 queries (its own score / select machinery); the latent is shared by the layer's KV heads, so the
 selection is one per layer: the method's per-KV-head scores (GQA groups averaged, as kv_head selection)
 summed over the KV heads. The layer then keeps only those positions' latents and positions.
-Not yet supported (one-line errors): evict_method with merge=True (after eviction the layers of a group
+quant_method="kivi" (nbits 2/4/8, group_size tokens per group, residual_length): the kept latents
+stored KIVI-quantized per latent channel in token groups, the latest tokens in full precision
+(pyramidkv/commonkv_quant.py; nbytes() is its packed formula). Combines with evict_method.
+Not yet supported (one-line errors): merge=True with quant_method (merged latents are not quantized),
+evict_method with merge=True (after eviction the layers of a group
 keep different positions, so position-wise merging has no common slots), gqa_selection="query_head"
 with evict_method (latents are per layer, not per head).
 The KV bytes are nbytes() = sum over layers of tokens x rank x element size (FullKV: tokens x 2 x
@@ -59,8 +63,9 @@ class CommonKV(KVMethod):
             raise ValueError(f"merge_weights={self.merge_weights!r} is invalid: give one weight per layer of a group "
                              f"(layer_step={self.layer_step})")
         self._evictor = None if self.evict_method is None else _build_evictor(self)
-        if self.quant_method != "none":
-            raise ValueError(f"CommonKV with quant_method={self.quant_method!r} not supported yet; valid choices: none")
+        if self.quant_method != "none" and self.merge:
+            raise ValueError(f"CommonKV merge=True with quant_method={self.quant_method!r} is not supported (merged "
+                             f"latents are stored in full precision); valid choices: merge=False, or quant_method='none'")
         self._model = self._factors = self._cache_layers = None
         self.num_layers = 0
         self._device_factors = {}
@@ -84,6 +89,10 @@ class CommonKV(KVMethod):
         from ..commonkv import LatentLayer  # late: commonkv imports the cache
 
         self.num_layers = num_layers
+        if self.quant_method == "kivi":
+            from ..commonkv_quant import QuantLatentLayer
+
+            return QuantLatentLayer(self, layer_idx)
         return LatentLayer(self, layer_idx)
 
     def cache_layers(self):
@@ -96,6 +105,10 @@ class CommonKV(KVMethod):
 
         if self._model is not model:
             self._factors = commonkv.compute_factors(model, self)
+            if self.quant_method == "kivi":
+                from ..commonkv_quant import check_ranks
+
+                check_ranks(self._factors["ranks"], self.nbits)
             self._model, self._device_factors = model, {}
         commonkv.install_hooks(model)
 
