@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions by cache slot (StreamingLLM/CaM): kept tokens renumbered 0..K-1, keys re-rotated")
     g.add_argument("--compress_interval", type=int, default=1, help="compress every this many tokens (default 1)")
     g.add_argument("--window_size", type=int, default=None, help="H2O recent budget (default: half the cache)")
+    g.add_argument("--heavy_ratio", "--start_ratio", "--start-ratio", dest="heavy_ratio", type=float, default=None,
+                   help="H2O's / CaM's heavy budget as a fraction of the prompt (CaM: --start_ratio); refused here: "
+                        "this protocol has no prompt (see ratio_error), use it with run_longbench.py / run_ruler.py")
+    g.add_argument("--recent_ratio", "--recent-ratio", dest="recent_ratio", type=float, default=None,
+                   help="H2O's / CaM's recent budget as a fraction of the prompt; refused here like --heavy_ratio")
     g = p.add_argument_group("CS3602 method sweeps")
     g.add_argument("--keep_ratios", type=_floats, default=None, help="l2_compress, e.g. 1.0,0.8,0.5")
     g.add_argument("--prune_after", type=int, default=1000, help="l2_compress: compress beyond this length")
@@ -121,6 +126,15 @@ def sized_config(method: str, size: int, args) -> dict:
         return {"start_size": start, "heavy_hitter_size": heavy, "recent_size": size - start - heavy, **interval,
                 **_skip_layers(args)}
     raise KeyError(method)
+
+
+def ratio_error(args) -> str:
+    """Why H2O's / CaM's ratio budgets are refused by this protocol (one line)."""
+    return (f"--heavy_ratio/--start_ratio {args.heavy_ratio} / --recent_ratio {args.recent_ratio} are fractions of "
+            f"the prompt length, and run_ppl.py has no prompt (the text is fed one token at a time from its first "
+            f"token, so the budgets would be one token); give the cache in tokens (--cache_sizes, --window_size, "
+            f"--start_size/--recent_size), or use the ratios where a prompt is prefilled: run_longbench.py / "
+            f"run_ruler.py --method h2o|cam --heavy_ratio 0.1 --recent_ratio 0.1")
 
 
 def planned_runs(args) -> list[tuple[str, str | None, dict, int | None]]:
@@ -248,6 +262,8 @@ def main(argv=None) -> int:
             value = getattr(args, flag)
             if value < (0 if flag == "start_size" else 1):
                 raise CLIError(f"--{flag} {value} is invalid: it must be {'>= 0' if flag == 'start_size' else '>= 1'}")
+        if args.heavy_ratio is not None or args.recent_ratio is not None:
+            raise CLIError(ratio_error(args))
         if args.recent_size <= 0:
             raise CLIError(f"--recent_size {args.recent_size} is invalid: it must be >= 1")
         runs = planned_runs(args)

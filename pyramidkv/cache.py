@@ -67,6 +67,7 @@ class CompressedLayer(DynamicLayer):
         self.peak_prefill_length = 0  # most K/V tokens per head held during prefill (kept + chunk)
         self.kept_after_prefill: int | None = None  # slots stored per head (the largest row's count)
         self.kept_per_row: list[int] | None = None  # real tokens each row kept
+        self.prompt_lengths: list[int] | None = None  # real prompt tokens of each row (H2O's ratio budgets)
         self.filler_slots: torch.Tensor | None = None  # [B, K] bool, True = slot the attention must hide
         self.slot_bias: torch.Tensor | None = None  # [B, stored heads, K] fp32 additive logit bias; None = 0
         self.decode_state: dict[str, torch.Tensor] = {}  # a decoding method's per-slot state [B, H, <=P]
@@ -137,6 +138,7 @@ class CompressedLayer(DynamicLayer):
         slots = self.keys.shape[-2]
         self.kept_after_prefill = slots
         self.kept_per_row = kept_per_row
+        self.prompt_lengths = list(real_lengths)
         # fillers on real columns exist only for a compressed row below the layer's slot count
         if any(kept < min(length, slots) for kept, length in zip(kept_per_row, real_lengths)):
             fillers = torch.tensor([slots - kept for kept in kept_per_row], device=keys.device)
@@ -196,6 +198,7 @@ class CompressedLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         self.needs_compression = False
         self.kept_after_prefill = self.kept_per_row = self.filler_slots = self.slot_bias = None
+        self.prompt_lengths = None
         self.decode_state, self.decode_forwards = {}, 0
 
     # batch reshuffles (beam search, num_return_sequences, contrastive search) move the fillers too
@@ -207,6 +210,8 @@ class CompressedLayer(DynamicLayer):
             self.slot_bias = self.slot_bias.index_select(0, beam_idx.to(self.slot_bias.device))
         if self.kept_per_row is not None:
             self.kept_per_row = [self.kept_per_row[i] for i in beam_idx.tolist()]
+        if self.prompt_lengths is not None:
+            self.prompt_lengths = [self.prompt_lengths[i] for i in beam_idx.tolist()]
         self.decode_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.decode_state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -217,6 +222,8 @@ class CompressedLayer(DynamicLayer):
             self.slot_bias = self.slot_bias.repeat_interleave(repeats, dim=0)
         if self.kept_per_row is not None:
             self.kept_per_row = [kept for kept in self.kept_per_row for _ in range(repeats)]
+        if self.prompt_lengths is not None:
+            self.prompt_lengths = [n for n in self.prompt_lengths for _ in range(repeats)]
         self.decode_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.decode_state.items()}
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -227,6 +234,8 @@ class CompressedLayer(DynamicLayer):
             self.slot_bias = self.slot_bias[indices]
         if self.kept_per_row is not None:
             self.kept_per_row = [self.kept_per_row[i] for i in torch.arange(len(self.kept_per_row))[indices].tolist()]
+        if self.prompt_lengths is not None:
+            self.prompt_lengths = [self.prompt_lengths[i] for i in torch.arange(len(self.prompt_lengths))[indices].tolist()]
         self.decode_state = {k: v[indices] for k, v in self.decode_state.items()}
 
     def nbytes(self) -> int:
@@ -316,12 +325,13 @@ class CompressedCache(Cache):
         layer.decode_forwards += 1
         with torch.no_grad():
             decode = DecodeInputs(query, layer.keys, layer.values, self._hidden_slots(layer), layer.attention_bias(),
-                                  layer_idx, len(self.layers), scaling, layer.decode_state, layer.decode_forwards)
+                                  layer_idx, len(self.layers), scaling, layer.decode_state, layer.decode_forwards,
+                                  layer.prompt_lengths)
             self.method.decode_observe(decode)
             if layer.decode_forwards % (self.method.compress_interval or 1):
                 return
             real = decode.real_counts()
-            budgets = self.method.decode_budgets(real, layer_idx, len(self.layers))
+            budgets = self.method.decode_budgets(real, layer_idx, len(self.layers), decode.prompt_lengths)
             if all(b >= n for b, n in zip(budgets, real)):
                 return  # nothing to evict
             keep = self.method.decode_select(decode, budgets)

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 METHODS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
 HAND_WRITTEN = ("max_capacity_prompt", "window_size", "kernel_size", "pooling", "gqa_selection")
 RENAMED = {"seed": "method_seed"}  # field -> flag where the runner already has the field's name
+# field -> more flag spellings: CaM's code calls H2O's heavy budget "start" (--start_ratio 0.1 --recent_ratio 0.1)
+ALIASES = {"heavy_ratio": ("start_ratio",)}
+# budgets as fractions of each row's prompt: with one given, the default --max_capacity_prompts is left out
+RATIO_BUDGETS = ("compress_ratio", "keep_ratio", "heavy_ratio", "recent_ratio")
 
 
 class DefaultBudget(int):
@@ -98,7 +102,8 @@ def add_method_flags(group, lists: tuple = ()) -> None:
     for field in method_fields():
         owners = ", ".join(f"{cls} {default}" for cls, default in field.owners)
         listed = field.name in lists
-        group.add_argument(f"--{field.flag}", dest=field.flag, type=str if listed else field.parser(), default=None,
+        aliases = [f"--{alias}" for alias in ALIASES.get(field.name, ())]
+        group.add_argument(f"--{field.flag}", *aliases, dest=field.flag, type=str if listed else field.parser(), default=None,
                            help=f"method parameter {field.name} ({field.annotation}{'; comma list' if listed else ''}); "
                                 f"defaults: {owners}")
 
@@ -134,6 +139,10 @@ def budget_name(args) -> str:
 def _budget_words(args) -> str:
     if sizes_own_cache(args.method):
         return "own"
+    if getattr(args, "heavy_ratio", None) is not None or getattr(args, "recent_ratio", None) is not None:
+        words = [f"{word}{getattr(args, flag):g}" for flag, word in (("heavy_ratio", "heavy"), ("recent_ratio", "recent"))
+                 if getattr(args, flag, None) is not None]
+        return "_".join(words)  # H2O's ratio form, e.g. heavy0.1_recent0.1
     for flag, word in (("compress_ratio", "compress"), ("keep_ratio", "keep")):
         if getattr(args, flag, None) is not None:
             return f"{word}{getattr(args, flag):g}"
@@ -163,7 +172,7 @@ def method_config(args) -> dict:
     given = given_method_values(args)
     given.update({k: getattr(args, k) for k in ("gqa_selection",) if getattr(args, k, None) is not None})
     budget_given = not isinstance(args.max_capacity_prompts, DefaultBudget)
-    if budget_given or not any(k in given for k in ("compress_ratio", "keep_ratio")):
+    if budget_given or not any(k in given for k in RATIO_BUDGETS):
         config = {"max_capacity_prompt": int(args.max_capacity_prompts), **config}
     if sizes_own_cache(args.method):
         defaults = {"max_capacity_prompt": None if budget_given else int(args.max_capacity_prompts),

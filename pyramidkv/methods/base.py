@@ -168,10 +168,11 @@ class KVMethod:
         """True when the method also compresses while decoding."""
         return self.max_cache_size is not None or self.compress_interval is not None
 
-    def decode_budgets(self, real_counts: Sequence[int], layer_idx: int, num_layers: int) -> list[int]:
+    def decode_budgets(self, real_counts: Sequence[int], layer_idx: int, num_layers: int,
+                       prompt_lengths: Sequence[int] | None = None) -> list[int]:
         """Tokens each row keeps in a layer at a decode eviction: max_cache_size for a budgeted method
         (its prefill budget otherwise), the method's own size for self-sized ones, capped by
-        max_cache_size."""
+        max_cache_size. `prompt_lengths`: each row's real prompt tokens (H2O's ratio form sizes by them)."""
         cap = self.max_cache_size
         budgets = []
         for n in real_counts:

@@ -43,6 +43,7 @@ class DecodeInputs:
     scaling: float
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # per-slot method state [B, H, P]
     step: int = 0  # decode forwards of this layer since prefill, this one included (seeds CaM's draws)
+    prompt_lengths: list[int] | None = None  # each row's real prompt tokens (H2O's ratio budgets)
 
     @property
     def slots(self) -> int:
