@@ -17,7 +17,9 @@ Decode form (`max_cache_size`, CaM's generation setting): H2O's decode rule evic
 attention carried across steps; heavy + recent budgets), and each token evicted at a step is merged
 the same way into the next m kept slots after it, with Ā the accumulated attention at that step.
 The step's draws are seeded by (`seed`, layer, decode step), one generator per row, so a padded row
-draws what its single run draws.
+draws what its single run draws. With CaM's --start_ratio / --recent_ratio (`heavy_ratio`,
+`recent_ratio`: H2O's ratio form, each row's budgets from its own prompt length) the eviction is the
+same; m stays `merge_window`, else window_size (8), not the per-row recent budget.
 """
 
 from dataclasses import dataclass
