@@ -168,15 +168,18 @@ class LatentLayer(CompressedLayer):
         self.positions: torch.Tensor | None = None  # [B, T] int64, the RoPE position of each slot
         self.pending_latent: torch.Tensor | None = None  # this forward's new latents, from k_proj (_projection_forward)
 
-        self.shared: dict | None = None  # after a cross-layer merge: the group's merged latents, stored once
-        self.own_prefill = 0  # prefill slots this layer keeps itself (the rest are in `shared`)
-        self.order: torch.Tensor | None = None  # [own + merged] -> prompt order
+        # after a cross-layer merge (commonkv_merge.py), per batch row (rows merge different positions):
+        # shared: the group's merged latents, stored once {"latents": [[M_b, r]], "positions": [[M_b]], "owner"};
+        # own: this layer's other prefill slots [{"latents": [own_b, r], "positions": [own_b], "order": [T]}]
+        # (order: own + merged -> prompt order); latents / positions then hold the decode slots only
+        self.shared: dict | None = None
+        self.own: list[dict] | None = None
 
     @property
     def physical_length(self) -> int:
         # slots attention sees (mask columns): own + the group's merged ones
-        own = 0 if self.latents is None else self.latents.shape[1]
-        return own + (0 if self.shared is None else self.shared["latents"].shape[1])
+        stored = 0 if self.latents is None else self.latents.shape[1]
+        return stored + (0 if self.own is None else self.own[0]["order"].shape[0])
 
     def _new_positions(self, batch: int, new: int, device) -> torch.Tensor:
         # the positions transformers' generate gives: cumsum of the 2-D mask - 1 (pads: any, they are masked)
@@ -206,6 +209,8 @@ class LatentLayer(CompressedLayer):
             if not self.needs_compression:
                 self._prefill_stored(None)
             if self.method.merge and self.layer_idx == self.method.num_layers - 1:
+                from .commonkv_merge import merge_groups  # late: it imports this module
+
                 merge_groups(self.method.cache_layers())
             return key_states, value_states  # this forward's K/V are exactly U z (RoPE applied by the model)
         self._append(latent, positions)
@@ -241,16 +246,12 @@ class LatentLayer(CompressedLayer):
 
     def all_latents(self):
         """(latents, positions) of every slot, merged ones (stored once in `shared`) in prompt order."""
-        if self.shared is None:
+        if self.own is None:
             return self.latents, self.positions
-        own = self.own_prefill
-        z = torch.cat([self.latents[:, :own], self.shared["latents"]], dim=1)[:, self.order]
-        pos = torch.cat([self.positions[:, :own], self.shared["positions"]], dim=1)[:, self.order]
-        return torch.cat([z, self.latents[:, own:]], dim=1), torch.cat([pos, self.positions[:, own:]], dim=1)
-
-    @property
-    def slot_count(self) -> int:
-        return self.physical_length + (0 if self.shared is None else self.shared["latents"].shape[1])
+        rows = list(zip(self.own, self.shared["latents"], self.shared["positions"]))
+        z = torch.stack([torch.cat([own["latents"], merged])[own["order"]] for own, merged, _ in rows])
+        pos = torch.stack([torch.cat([own["positions"], merged])[own["order"]] for own, _, merged in rows])
+        return torch.cat([z, self.latents], dim=1), torch.cat([pos, self.positions], dim=1)
 
     def rebuild(self, kv_heads: int, head_dim: int):
         latents, positions = self.all_latents()
@@ -267,66 +268,19 @@ class LatentLayer(CompressedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.latents = self.positions = self.pending_latent = self.shared = self.order = None
-        self.own_prefill = 0
+        self.latents = self.positions = self.pending_latent = self.shared = self.own = None
 
     def nbytes(self) -> int:
         """Bytes of the latents (positions, B x T int64 per layer, are not counted: see positions_nbytes);
         a group's merged latents are counted once, by the group's first layer."""
-        held = 0 if self.latents is None else self.latents.numel() * self.latents.element_size()
-        if self.shared is not None and self.shared["owner"] == self.layer_idx:
-            held += self.shared["latents"].numel() * self.shared["latents"].element_size()
-        return held
+        return self._bytes(self.latents, "latents")
 
     def positions_nbytes(self) -> int:
-        return 0 if self.positions is None else self.positions.numel() * self.positions.element_size()
+        return self._bytes(self.positions, "positions")
 
+    def _bytes(self, dense, name: str) -> int:
+        tensors = [dense] + [own[name] for own in self.own or []]
+        if self.shared is not None and self.shared["owner"] == self.layer_idx:
+            tensors += self.shared[name]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-SINKS, RECENT = 4, 128  # positions never merged: the first 4 and the last 128 of the prompt
-
-
-def merge_groups(layers) -> dict:
-    """Cross-layer merge after prefill (batch of one): per group and eligible position, the mean pairwise
-    cosine similarity of the group's latents; over all (group, position) pairs the least similar
-    no_merge_ratio stay per layer, the rest become the mean latent (uniform weights, or method.merge_weights
-    per layer in the group) stored once in the group. Returns {group first layer: merged count}."""
-    method = layers[0].method
-    length = layers[0].latents.shape[1]
-    if layers[0].latents.shape[0] != 1:
-        raise ValueError("CommonKV merge=True supports a batch of one row only; valid choices: merge=False for batches")
-    eligible = torch.arange(SINKS, max(SINKS, length - RECENT))
-    groups = [g for g in groups_of(len(layers), method.layer_step) if len(g) > 1]
-    if len(eligible) == 0 or not groups:
-        return {}
-    sims = []
-    for group in groups:
-        z = torch.stack([layers[l].latents[0, eligible].float() for l in group])  # [L, E, r]
-        z = torch.nn.functional.normalize(z, dim=-1)
-        gram = torch.einsum("led,ked->lke", z, z)
-        count = len(group)
-        sims.append((gram.sum((0, 1)) - count) / (count * (count - 1)))
-    sims = torch.stack(sims)  # [G, E]
-    keep = int(math.ceil(method.no_merge_ratio * sims.numel() - 1e-9))
-    merged_mask = torch.ones_like(sims, dtype=torch.bool).flatten()
-    merged_mask[sims.flatten().argsort(stable=True)[:keep]] = False
-    merged_mask = merged_mask.view_as(sims)
-    counts = {}
-    for group, mask in zip(groups, merged_mask):
-        positions = eligible[mask]
-        counts[group[0]] = len(positions)
-        if len(positions) == 0:
-            continue
-        weights = torch.tensor(method.merge_weights or [1.0] * len(group), dtype=torch.float32)
-        weights = weights / weights.sum()
-        stack = torch.stack([layers[l].latents[:, positions] for l in group])
-        merged = (stack * weights.to(stack)[:, None, None, None]).sum(0)
-        own_mask = torch.ones(length, dtype=torch.bool)
-        own_mask[positions] = False
-        shared = {"latents": merged, "positions": layers[group[0]].positions[:, positions], "owner": group[0]}
-        order = torch.cat([torch.arange(length)[own_mask], positions]).argsort().to(merged.device)
-        for l in group:
-            layer = layers[l]
-            layer.latents = layer.latents[:, own_mask.to(layer.latents.device)].contiguous()
-            layer.positions = layer.positions[:, own_mask.to(layer.positions.device)].contiguous()
-            layer.shared, layer.order, layer.own_prefill = shared, order, layer.latents.shape[1]
-    return counts

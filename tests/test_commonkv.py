@@ -101,9 +101,9 @@ def test_merge_bookkeeping_and_bytes():
     rank = 8
     plain = _merged_run(model, ids, layer_step=2, rank=rank)
     cache = _merged_run(model, ids, layer_step=2, rank=rank, merge=True, no_merge_ratio=0.4)
-    merged = sum(cache.layers[g].shared["latents"].shape[1] for g in (0, 2))
+    merged = sum(cache.layers[g].shared["latents"][0].shape[0] for g in (0, 2))  # per row: row 0
     assert merged == 16 - 7  # ceil(0.4 x 16) pairs stay per layer
-    own = sum(layer.latents.shape[1] for layer in cache.layers)
+    own = sum(layer.own[0]["latents"].shape[0] for layer in cache.layers)
     assert own == 4 * 140 - 2 * merged
     assert cache.nbytes() == (own + merged) * rank * 4  # merged latents counted once per group
     assert cache.nbytes() == plain.nbytes() - merged * rank * 4
@@ -112,7 +112,7 @@ def test_merge_bookkeeping_and_bytes():
         positions = shared["positions"][0]
         assert bool(((positions >= 4) & (positions < 140 - 128)).all())  # first 4 / last 128 untouched
         mean = (plain.layers[g].latents[:, positions] + plain.layers[g + 1].latents[:, positions]) / 2
-        assert torch.allclose(shared["latents"], mean)
+        assert torch.allclose(shared["latents"][0], mean[0])
         for l in (g, g + 1):  # every other slot is the layer's own latent, in prompt order
             latents, order_positions = cache.layers[l].all_latents()
             assert torch.equal(order_positions, plain.layers[l].positions)

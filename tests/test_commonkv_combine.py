@@ -227,3 +227,36 @@ def test_quant_rank_not_packable_one_line():
         with pyramidkv.compress(model, "commonkv", layer_step=2, rank=6, quant_method="kivi", nbits=2):
             model(prompt(8))
     assert "\n" not in str(info.value)
+
+
+# ---- merge=True in a batch ----------------------------------------------------------------------
+def test_merge_per_row_padded_batch_equals_single_runs():
+    model = tiny_model(layers=4)
+    rows = [prompt(160, seed=2), prompt(145, seed=3)]  # eligible 4..31 and 4..16: different merges per row
+    ids, mask = left_padded(rows)
+    config = dict(layer_step=2, rank=8, merge=True, no_merge_ratio=0.4)
+    with pyramidkv.compress(model, "commonkv", **config):
+        batch = _generate(model, ids, attention_mask=mask)
+        singles = [_generate(model, row) for row in rows]
+        cache = CompressedCache("commonkv", model.config, **config)
+        model(ids, attention_mask=mask, past_key_values=cache)
+        single_caches = []
+        for row in rows:
+            single_caches.append(CompressedCache("commonkv", model.config, **config))
+            model(row, past_key_values=single_caches[-1])
+    pads = ids.shape[1] - rows[1].shape[1]
+    for g in (0, 2):
+        shared = cache.layers[g].shared
+        for b, single in enumerate(single_caches):
+            alone = single.layers[g].shared
+            assert shared["latents"][b].shape[0] == alone["latents"][0].shape[0] > 0  # the single run's merge
+            assert torch.equal(shared["positions"][b], alone["positions"][0])  # true positions: pads not counted
+            assert torch.allclose(shared["latents"][b], alone["latents"][0], atol=1e-5)
+    counts = [sum(cache.layers[g].shared["latents"][b].shape[0] for g in (0, 2)) for b in range(2)]
+    assert counts[0] != counts[1] and counts == [2 * 28 - 23, 2 * 13 - 11]  # ceil(0.4 x pairs) stay per layer
+    # bytes: each row's single-run bytes, plus the padded row's pad latents (own slots, masked)
+    assert cache.nbytes() == sum(c.nbytes() for c in single_caches) + 4 * pads * 8 * 4
+    for b, single in enumerate(singles):
+        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
+        for a, s in zip(batch.logits, single.logits):
+            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4

@@ -5,8 +5,9 @@ rebuilt from z at attention time. Storage and hooks: pyramidkv/commonkv.py.
 
 layer_step: layers per group (the last group holds the remainder). rank: latent rank per layer
 (None = the group's full rank, exact up to fp error); rank_file: JSON list of one rank per layer.
-merge=True: cross-layer merge after prefill (batch of one; pyramidkv.commonkv.merge_groups), no_merge_ratio
-of the (group, position) pairs stay per layer, first 4 / last 128 positions never merged.
+merge=True: cross-layer merge after prefill (pyramidkv/commonkv_merge.py; per batch row, on the row's
+real tokens), no_merge_ratio of the (group, position) pairs stay per layer, first 4 / last 128 positions
+never merged.
 evict_method (e.g. "SnapKV", budgets max_capacity_prompt / compress_ratio / keep_ratio, window_size,
 kernel_size, pooling as for that method; its other parameters at their defaults): after each layer's
 prefill attention the eviction method scores the prompt from the rebuilt post-RoPE K and the window's
