@@ -208,7 +208,7 @@ class LatentLayer(CompressedLayer):
             self.needs_compression = self.method._evictor is not None
             if not self.needs_compression:
                 self._prefill_stored(None)
-            if self.method.merge and self.layer_idx == self.method.num_layers - 1:
+            if self.method.merge and not self.needs_compression and self.layer_idx == self.method.num_layers - 1:
                 from .commonkv_merge import merge_groups  # late: it imports this module
 
                 merge_groups(self.method.cache_layers())
@@ -243,6 +243,10 @@ class LatentLayer(CompressedLayer):
             fillers = torch.tensor([slots - kept for kept in kept_per_row], device=self.latents.device)
             self.filler_slots = torch.arange(slots, device=self.latents.device)[None, :] < fillers[:, None]
         self._prefill_stored(kept_per_row)
+        if self.method.merge and self.layer_idx == self.method.num_layers - 1:  # evict first, then merge
+            from .commonkv_merge import merge_groups
+
+            merge_groups(self.method.cache_layers())
 
     def all_latents(self):
         """(latents, positions) of every slot, merged ones (stored once in `shared`) in prompt order."""

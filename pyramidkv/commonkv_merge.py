@@ -4,6 +4,8 @@ Per batch row, group and eligible position: the mean pairwise cosine similarity 
 over all (group, position) pairs of the row the least similar no_merge_ratio stay per layer, the rest
 become the mean latent (uniform weights, or method.merge_weights per layer of the group) stored once for
 the group. The first SINKS and last RECENT real positions of a row are never merged.
+With evict_method the merge runs after the last layer's eviction (evict first, then merge), and the
+candidates of a group are the positions that every layer of the group kept (without eviction: all).
 
 Batches: each row is merged on its own, from its own real tokens (left pads are never eligible, and
 the eligible range starts at the row's first real token), so a padded row merges exactly the positions
@@ -29,53 +31,78 @@ def _similarities(latents: list[torch.Tensor]) -> torch.Tensor:
     return (torch.einsum("led,ked->lke", z, z).sum((0, 1)) - count) / (count * (count - 1))
 
 
-def _merged_positions(layers, groups, row: int, real: int) -> list[torch.Tensor]:
-    """Per group: the slot indices of row `row` whose latents are merged (ascending)."""
+def _real_slots(layer, row: int, real: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot indices, true positions) of the slots of `layer` holding row `row`'s real tokens: its last
+    min(kept, real) slots (before them: left pads, or an eviction's hidden fillers)."""
+    slots = layer.latents.shape[1]
+    kept = min(layer.kept_per_row[row], real)
+    index = torch.arange(slots - kept, slots)
+    return index, layer.positions[row].cpu()[index]
+
+
+def _row_plan(layers, groups, row: int, real: int) -> list[tuple[torch.Tensor, dict]]:
+    """Per group: (merged true positions, {layer: their slot indices}) of row `row`. Candidates: the
+    positions every layer of the group holds (all of them without eviction), SINKS <= p < real - RECENT."""
     method = layers[0].method
-    length = layers[0].latents.shape[1]
-    start = length - real  # the row's first real slot
-    eligible = torch.arange(start + SINKS, max(start + SINKS, length - RECENT))
-    if len(eligible) == 0:
-        return [eligible for _ in groups]
-    sims = torch.stack([_similarities([layers[l].latents[row, eligible.to(layers[l].latents.device)].cpu()
-                                       for l in group]) for group in groups])  # [G, E]
-    keep = int(math.ceil(method.no_merge_ratio * sims.numel() - 1e-9))
-    merged = torch.ones(sims.numel(), dtype=torch.bool)
-    merged[sims.flatten().argsort(stable=True)[:keep]] = False
-    return [eligible[mask] for mask in merged.view_as(sims)]
+    candidates, sims = [], []
+    for group in groups:
+        present = torch.ones(real, dtype=torch.bool)
+        present[: SINKS] = False
+        present[max(SINKS, real - RECENT):] = False
+        slot_of = {}
+        for l in group:
+            index, positions = _real_slots(layers[l], row, real)
+            held = torch.zeros(real, dtype=torch.bool)
+            held[positions] = True
+            present &= held
+            slot_of[l] = torch.full((real,), -1, dtype=torch.long)
+            slot_of[l][positions] = index
+        chosen = present.nonzero().flatten()
+        slots = {l: slot_of[l][chosen] for l in group}
+        candidates.append((chosen, slots))
+        sims.append(_similarities([layers[l].latents[row, slots[l].to(layers[l].latents.device)].cpu() for l in group])
+                    if len(chosen) else torch.zeros(0))
+    flat = torch.cat(sims)
+    keep = int(math.ceil(method.no_merge_ratio * flat.numel() - 1e-9))
+    merged = torch.ones(flat.numel(), dtype=torch.bool)
+    merged[flat.argsort(stable=True)[:keep]] = False
+    plan = []
+    for (chosen, slots), mask in zip(candidates, merged.split([len(c) for c, _ in candidates])):
+        plan.append((chosen[mask], {l: index[mask] for l, index in slots.items()}))
+    return plan
 
 
 def merge_groups(layers) -> dict:
     """Merge every group of more than one layer (see the module docstring). Returns {group first layer:
     merged count of each row}."""
     method = layers[0].method
-    batch, length = layers[0].latents.shape[:2]
+    batch, length = layers[0].latents.shape[0], layers[0].cumulative_length
     groups = [g for g in groups_of(len(layers), method.layer_step) if len(g) > 1]
     mask = method.current_padding_mask()
     real = [length] * batch if mask is None else [int(n) for n in mask[:, -length:].sum(-1).tolist()]
-    plans = [_merged_positions(layers, groups, row, real[row]) for row in range(batch)]  # [row][group]
+    plans = [_row_plan(layers, groups, row, real[row]) for row in range(batch)]  # [row][group]
     counts = {}
     for index, group in enumerate(groups):
         per_row = [plan[index] for plan in plans]
-        counts[group[0]] = [len(positions) for positions in per_row]
+        counts[group[0]] = [len(positions) for positions, _ in per_row]
         if not any(counts[group[0]]):
             continue  # nothing merged in this group: its layers stay dense
         weights = torch.tensor(method.merge_weights or [1.0] * len(group), dtype=torch.float32)
         weights = weights / weights.sum()
         shared = {"latents": [], "positions": [], "owner": group[0]}
         owns = {l: [] for l in group}
-        for row, positions in enumerate(per_row):
+        for row, (positions, slots) in enumerate(per_row):
             device = layers[group[0]].latents.device
-            positions = positions.to(device)
-            stack = torch.stack([layers[l].latents[row, positions] for l in group])  # [L, M_b, r]
+            stack = torch.stack([layers[l].latents[row, slots[l].to(device)] for l in group])  # [L, M_b, r]
             shared["latents"].append((stack * weights.to(stack)[:, None, None]).sum(0))
-            shared["positions"].append(layers[group[0]].positions[row, positions].clone())
-            own_mask = torch.ones(length, dtype=torch.bool, device=device)
-            own_mask[positions] = False
-            order = torch.cat([torch.arange(length, device=device)[own_mask], positions]).argsort()
+            shared["positions"].append(positions.to(layers[group[0]].positions))
             for l in group:
-                owns[l].append({"latents": layers[l].latents[row, own_mask].clone(),
-                                "positions": layers[l].positions[row, own_mask].clone(), "order": order})
+                layer, merged = layers[l], slots[l].to(device)
+                own_mask = torch.ones(layer.latents.shape[1], dtype=torch.bool, device=device)
+                own_mask[merged] = False
+                order = torch.cat([torch.arange(len(own_mask), device=device)[own_mask], merged]).argsort()
+                owns[l].append({"latents": layer.latents[row, own_mask].clone(),
+                                "positions": layer.positions[row, own_mask].clone(), "order": order})
         for l in group:
             layer = layers[l]
             layer.shared, layer.own = shared, owns[l]

@@ -123,7 +123,6 @@ def test_evict_left_padded_rows_equal_single_runs(budget):
 @pytest.mark.parametrize("config, message", [
     ({"evict_method": "bogus"}, "evict_method='bogus' is invalid; valid choices: .*SnapKV"),
     ({"evict_method": "AdaKV"}, "evict_method='AdaKV' is invalid; valid choices: .*SnapKV"),
-    ({"evict_method": "SnapKV", "merge": True}, "merge=True with evict_method='SnapKV' is not supported"),
     ({"evict_method": "SnapKV", "gqa_selection": "query_head"}, "gqa_selection='query_head' is invalid"),
 ])
 def test_evict_bad_config_one_line(config, message):
@@ -256,6 +255,55 @@ def test_merge_per_row_padded_batch_equals_single_runs():
     assert counts[0] != counts[1] and counts == [2 * 28 - 23, 2 * 13 - 11]  # ceil(0.4 x pairs) stay per layer
     # bytes: each row's single-run bytes, plus the padded row's pad latents (own slots, masked)
     assert cache.nbytes() == sum(c.nbytes() for c in single_caches) + 4 * pads * 8 * 4
+    for b, single in enumerate(singles):
+        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
+        for a, s in zip(batch.logits, single.logits):
+            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+
+
+# ---- evict_method + merge=True: evict first, then merge -----------------------------------------
+def test_evict_then_merge_budget_above_prompt_is_exactly_merge():
+    model = tiny_model(layers=4)
+    ids = prompt(160)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8, merge=True):
+        ref = _generate(model, ids)
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8, merge=True, evict_method="SnapKV",
+                           max_capacity_prompt=400):
+        out = _generate(model, ids)
+    assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
+    merged = _prefill(model, ids, layer_step=2, rank=8, merge=True, evict_method="SnapKV", max_capacity_prompt=400)
+    assert merged.nbytes() == _prefill(model, ids, layer_step=2, rank=8, merge=True).nbytes()
+
+
+def test_evict_then_merge_candidates_bytes_and_padded_rows():
+    model = tiny_model(layers=4)
+    rows = [prompt(300, seed=2), prompt(260, seed=3)]
+    rank, budget = 8, 200
+    evict = dict(layer_step=2, rank=rank, evict_method="SnapKV", max_capacity_prompt=budget)
+    plain = _prefill(model, rows[0], **evict)  # evicted, not merged
+    cache = _prefill(model, rows[0], merge=True, no_merge_ratio=0.4, **evict)
+    saved = 0
+    total_pairs, total_merged = 0, 0
+    for g in (0, 2):
+        kept = [set(plain.layers[l].positions[0].tolist()) for l in (g, g + 1)]
+        candidates = sorted(p for p in kept[0] & kept[1] if 4 <= p < 300 - 128)
+        positions = cache.layers[g].shared["positions"][0]
+        assert set(positions.tolist()) <= set(candidates) and len(positions) > 0
+        total_pairs, total_merged = total_pairs + len(candidates), total_merged + len(positions)
+        slots = [[plain.layers[l].positions[0].tolist().index(p) for p in positions.tolist()] for l in (g, g + 1)]
+        mean = (plain.layers[g].latents[0, slots[0]] + plain.layers[g + 1].latents[0, slots[1]]) / 2
+        assert torch.allclose(cache.layers[g].shared["latents"][0], mean)
+        for l in (g, g + 1):  # every layer still rebuilds its kept slots in order, merged ones included
+            latents, order_positions = cache.layers[l].all_latents()
+            assert torch.equal(order_positions, plain.layers[l].positions)
+        saved += len(positions) * rank * 4  # one copy per group of two instead of two
+    assert total_merged == total_pairs - -(-4 * total_pairs // 10)  # ceil(0.4 x pairs) stay per layer
+    assert cache.nbytes() == plain.nbytes() - saved
+    assert cache.kept_tokens() == [budget] * 4 and cache.physical_lengths() == [budget] * 4
+    ids, mask = left_padded(rows)
+    with pyramidkv.compress(model, "commonkv", merge=True, **evict):
+        batch = _generate(model, ids, attention_mask=mask)
+        singles = [_generate(model, row) for row in rows]
     for b, single in enumerate(singles):
         assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
         for a, s in zip(batch.logits, single.logits):

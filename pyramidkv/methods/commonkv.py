@@ -14,13 +14,13 @@ prefill attention the eviction method scores the prompt from the rebuilt post-Ro
 queries (its own score / select machinery); the latent is shared by the layer's KV heads, so the
 selection is one per layer: the method's per-KV-head scores (GQA groups averaged, as kv_head selection)
 summed over the KV heads. The layer then keeps only those positions' latents and positions.
+With merge=True: evict first, then merge (after the last layer's eviction); a group's merge candidates
+are the positions every layer of the group kept.
 quant_method="kivi" (nbits 2/4/8, group_size tokens per group, residual_length): the kept latents
 stored KIVI-quantized per latent channel in token groups, the latest tokens in full precision
 (pyramidkv/commonkv_quant.py; nbytes() is its packed formula). Combines with evict_method.
 Not yet supported (one-line errors): merge=True with quant_method (merged latents are not quantized),
-evict_method with merge=True (after eviction the layers of a group
-keep different positions, so position-wise merging has no common slots), gqa_selection="query_head"
-with evict_method (latents are per layer, not per head).
+gqa_selection="query_head" with evict_method (latents are per layer, not per head).
 The KV bytes are nbytes() = sum over layers of tokens x rank x element size (FullKV: tokens x 2 x
 kv_heads x head_dim x element size).
 """
@@ -155,9 +155,6 @@ def _build_evictor(method: CommonKV) -> KVMethod:
         name = None
     if name not in choices:
         raise ValueError(f"CommonKV evict_method={method.evict_method!r} is invalid; valid choices: {', '.join(choices)}")
-    if method.merge:
-        raise ValueError(f"CommonKV merge=True with evict_method={method.evict_method!r} is not supported (evicted "
-                         f"layers keep different positions); valid choices: merge=False, or evict_method=None")
     if method.gqa_selection != "kv_head":
         raise ValueError(f"CommonKV with evict_method selects per layer (latents are shared by the heads), so "
                          f"gqa_selection={method.gqa_selection!r} is invalid; valid choices: kv_head")
