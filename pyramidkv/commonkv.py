@@ -270,6 +270,17 @@ class LatentLayer(CompressedLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("CommonKV's latent cache cannot be cropped; valid choices: a fresh cache per generate call")
 
+    # beam search / num_return_sequences / contrastive search reshuffle rows; the latent storage (per-row
+    # merged and quantized rows, a group's shared latents) does not follow them yet: refused, not wrong
+    def reorder_cache(self, beam_idx) -> None:
+        raise ValueError("CommonKV's latent cache cannot reorder batch rows (beam search); valid choices: num_beams=1")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("CommonKV's latent cache cannot repeat batch rows; valid choices: num_return_sequences=1")
+
+    def batch_select_indices(self, indices) -> None:
+        raise ValueError("CommonKV's latent cache cannot select batch rows; valid choices: greedy or sampling")
+
     def reset(self) -> None:
         super().reset()
         self.latents = self.positions = self.pending_latent = self.shared = self.own = None

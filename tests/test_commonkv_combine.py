@@ -120,6 +120,22 @@ def test_evict_left_padded_rows_equal_single_runs(budget):
             assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
 
 
+@pytest.mark.parametrize("evict", ["SnapKV", "PyramidKV", "H2O", "StreamingLLM", "L2Norm", "ChunkKV",
+                                   "PyramidInfer", "TOVA"])
+def test_every_evict_choice_runs_and_bytes_are_kept_latents(evict):
+    from pyramidkv.methods.commonkv import evict_choices
+
+    assert evict in evict_choices()
+    model = tiny_model(layers=4)
+    config = dict(layer_step=2, rank=8, evict_method=evict, max_capacity_prompt=20)
+    with pyramidkv.compress(model, "commonkv", **config):
+        out = _generate(model, prompt(50))
+    cache = out.past_key_values
+    expected = pyramidkv.methods.build_method(evict, max_capacity_prompt=20).layer_budgets(50, 4)
+    assert cache.kept_tokens() == expected
+    assert cache.nbytes() == sum(kept + 4 for kept in expected) * 8 * 4  # + the 4 decode steps' latents
+
+
 @pytest.mark.parametrize("config, message", [
     ({"evict_method": "bogus"}, "evict_method='bogus' is invalid; valid choices: .*SnapKV"),
     ({"evict_method": "AdaKV"}, "evict_method='AdaKV' is invalid; valid choices: .*SnapKV"),
@@ -308,3 +324,10 @@ def test_evict_then_merge_candidates_bytes_and_padded_rows():
         assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
         for a, s in zip(batch.logits, single.logits):
             assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+
+
+def test_beam_search_refused_one_line():
+    model = tiny_model(layers=2)
+    with pytest.raises(ValueError, match="cannot reorder batch rows \\(beam search\\); valid choices: num_beams=1"):
+        with pyramidkv.compress(model, "commonkv", layer_step=2):
+            model.generate(prompt(10), max_new_tokens=3, num_beams=2, do_sample=False)

@@ -134,9 +134,11 @@ def evict_choices() -> list[str]:
     """Methods usable as CommonKV's evict_method: scorers that keep whole tokens in dense storage (no
     merging, per-head budgets or own layout: those cannot map onto one latent per position)."""
     from . import METHODS
+    from .h2o import H2O
 
+    # H2O's select is the base one outside its ratio form, which an evictor built here never has
     return [name for name, cls in METHODS.items() if cls.score is not KVMethod.score
-            and cls.compress is KVMethod.compress and cls.select is KVMethod.select
+            and cls.compress is KVMethod.compress and cls.select in (KVMethod.select, H2O.select)
             and cls.new_layer is KVMethod.new_layer]
 
 
