@@ -20,7 +20,8 @@ quant_method="kivi" (nbits 2/4/8, group_size tokens per group, residual_length):
 stored KIVI-quantized per latent channel in token groups, the latest tokens in full precision
 (pyramidkv/commonkv_quant.py; nbytes() is its packed formula). Combines with evict_method.
 Not yet supported (one-line errors): merge=True with quant_method (merged latents are not quantized),
-gqa_selection="query_head" with evict_method (latents are per layer, not per head).
+gqa_selection="query_head" with evict_method (latents are per layer, not per head), beam search and
+other batch-row reshuffles (LatentLayer.reorder_cache).
 The KV bytes are nbytes() = sum over layers of tokens x rank x element size (FullKV: tokens x 2 x
 kv_heads x head_dim x element size).
 """
