@@ -124,18 +124,35 @@ def check_cam_ratios(args) -> None:
     args.compress_ratio = round(max(0.0, 1.0 - args.start_ratio - args.recent_ratio), 9)
 
 
+DECODE_RATIO_METHODS = ("H2O", "CaM")  # methods whose ratio form also compresses while generating
+
+
 def sample_config(args, prompt_tokens: int) -> dict:
     """The method config of one sample: the per-sample budget (and CaM's per-sample window and sinks)."""
     from pyramidkv import summary_prompt
     if args.recent_ratio is None:
         budget = summary_prompt.kv_budget(prompt_tokens, args.compress_ratio, args.window_size)
         return method_config(args, budget)
+    if args.kv_method in DECODE_RATIO_METHODS:
+        # CaM's --enable_small_cache runs of H2O / CaM: heavy + recent fixed from the prompt, held while generating
+        config = {**method_config(args, 0), "heavy_ratio": args.start_ratio, "recent_ratio": args.recent_ratio}
+        del config["max_capacity_prompt"], config["window_size"]
+        return config
     window = max(1, math.ceil(args.recent_ratio * prompt_tokens))
     budget = summary_prompt.kv_budget(prompt_tokens, args.compress_ratio, window)
     config = {**method_config(args, budget), "window_size": window}
     if args.kv_method == "StreamingLLM":
         config["sink_size"] = math.ceil(args.start_ratio * prompt_tokens)
     return config
+
+
+def budget_and_window(method: str, config: dict, prompt_tokens: int) -> tuple[int, int]:
+    """(KV budget, recent window) of one sample's config; the ratio form's come from its prompt length."""
+    if "heavy_ratio" not in config:
+        return config["max_capacity_prompt"], config["window_size"]
+    import pyramidkv
+    heavy, recent = pyramidkv.build_method(method, **config).ratio_budgets(prompt_tokens)
+    return heavy + recent, recent
 
 
 def method_config(args, budget: int, extras: bool = True) -> dict:
@@ -171,6 +188,11 @@ def main(argv=None) -> None:
     except ValueError as err:
         raise predict.CLIError(str(err)) from None
     args.kv_method = method  # canonical spelling from here on
+    if args.recent_ratio is not None and method in DECODE_RATIO_METHODS:
+        try:
+            pyramidkv.build_method(method, **sample_config(args, 1))
+        except ValueError as err:
+            raise predict.CLIError(str(err)) from None
     samples = summarization.load_samples(args.dataset, args.split, args.data_dir, args.data_source,
                                          args.hub_name)
     spec = samples.spec
@@ -188,6 +210,8 @@ def main(argv=None) -> None:
         "model_name": model_name, "model_fingerprint": fingerprint,
         "dataset": spec.name, "data_source": samples.source, "kv_method": method,
         "compress_ratio": args.compress_ratio, "start_ratio": args.start_ratio, "recent_ratio": args.recent_ratio,
+        # H2O / CaM with the ratios: heavy + recent held while generating too (earlier files: prefill only)
+        "ratio_form": "decode" if args.recent_ratio is not None and method in DECODE_RATIO_METHODS else None,
         "max_prompt_tokens": max_prompt, "max_new_tokens": max_new,
         "method_config": {k: v for k, v in method_config(args, 0).items() if k != "max_capacity_prompt"},
         "baseline": args.baseline, "attn_implementation": args.attn_implementation, "dtype": args.dtype,
@@ -240,17 +264,18 @@ def run_sample(args, model, tokenizer, spec, row, method, max_prompt, max_new, s
     input_ids, truncated = summary_prompt.build_prompt(tokenizer, spec, row["document"], max_prompt,
                                                       args.chat_template, row.get("complete_prompt", False))
     config = sample_config(args, len(input_ids))
-    budget = config["max_capacity_prompt"]
+    budget, window = budget_and_window(method, config, len(input_ids))
     if not isinstance(max_new, int):
         max_new = row.get("max_new_tokens") or spec.max_new_tokens
     eos = eos_token_ids(model, tokenizer)
-    base_config = {k: config[k] for k in ("max_capacity_prompt", "window_size", "kernel_size", "pooling")}
+    base_config = {"max_capacity_prompt": budget, "window_size": window, "kernel_size": config["kernel_size"],
+                   "pooling": config["pooling"]}
     full = timed_greedy(model, input_ids, max_new, eos, *(("FullKV", base_config)
                                                          if args.baseline == "fullkv" else ()))
     compressed = timed_greedy(model, input_ids, max_new, eos, method, config)
     record = {"id": row["id"], "dataset": spec.name, "kv_method": method, "prompt_tokens": len(input_ids),
               "truncated": truncated, "kv_budget": budget, "reference": row["reference"],
-              "kept_tokens_after": compressed.kept_tokens, "window_size": config["window_size"]}
+              "kept_tokens_after": compressed.kept_tokens, "window_size": window}
     for side, result in (("before", full), ("after", compressed)):
         answer = cut_at_stop(tokenizer.decode(result.token_ids, skip_special_tokens=True), row.get("stop"))
         record.update({f"answer_{side}": answer, f"new_tokens_{side}": len(result.token_ids),

@@ -361,3 +361,36 @@ def test_hub_rows_through_datasets_and_online_failure(tmp_path, monkeypatch):
         summarization.load_samples("xsum", "test[:2]", str(tmp_path))
     assert "\n" not in str(err.value) and "cannot load xsum" in str(err.value)
     assert "Dataset scripts are no longer supported; put the data in a local file" in str(err.value)
+
+
+def test_helm_h2o_ratios_hold_the_cache_while_generating(tiny_ckpt, tmp_path):
+    """CaM's --enable_small_cache runs of H2O: heavy = floor(start * S) + recent = floor(recent * S) fixed from
+    the prompt and held while generating (the decode form), so the K/V after generation is exactly that many
+    tokens per layer; the prefill-only form would hold them plus every generated token."""
+    from transformers import AutoConfig
+    path = tmp_path / "xsum_0shot.jsonl"
+    article = " ".join(f"The bridge over river {i} was closed for repairs on day {i}." for i in range(12))
+    lines = [{"article": f"###\nArticle: {article}\n\nSummarize the above article in 1 sentence.\n",
+              "summary_gt": "Bridges closed.", "max_tokens": 6, "stop": ["###"]}]
+    path.write_text(json.dumps(lines[0]) + "\n")
+    out = tmp_path / "out"
+    run_summarization.main(["--model_name", tiny_ckpt, "--input_path", str(path), "--method", "h2o",
+                            "--start_ratio", "0.1", "--recent_ratio", "0.2", "--output_dir", str(out)])
+    config = AutoConfig.from_pretrained(tiny_ckpt)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    token_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4  # fp32
+    [record] = read_samples(out)
+    prompt = record["prompt_tokens"]
+    heavy, recent = int(0.1 * prompt + 1e-9), int(0.2 * prompt + 1e-9)
+    assert record["kv_budget"] == heavy + recent and record["window_size"] == recent
+    assert record["new_tokens_after"] >= 3
+    assert record["kv_bytes_after"] == (heavy + recent) * token_bytes
+
+
+def test_helm_h2o_ratio_zero_heavy_is_a_one_line_error(tiny_ckpt, tmp_path):
+    """run_summarization accepts --start_ratio 0 (StreamingLLM: no sinks), but H2O's heavy budget needs a ratio
+    in (0, 1]: refused before any data or model is loaded."""
+    with pytest.raises(CLIError, match=r"^heavy_ratio=0.0 is invalid: .*\(0, 1\]$"):
+        run_summarization.main(["--model_name", tiny_ckpt, "--dataset", "cnn_dailymail", "--method", "h2o",
+                                "--start_ratio", "0", "--recent_ratio", "0.2", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
