@@ -132,8 +132,23 @@ def sizes_own_cache(method: str) -> bool:
 def budget_name(args) -> str:
     """The budget in a results directory name ({save_dir}/{model}_{budget}): tokens ("128", as before),
     "compress0.4" / "keep0.6" for a ratio, "own" for a method that sizes its cache itself (its size
-    parameters are in the stored settings); "128_kivi4" when quantized (see _quant_words)."""
-    return _budget_words(args) + _quant_words(args)
+    parameters are in the stored settings); "128_kivi4" when quantized (see _quant_words), "64_evictSnapKV" for CommonKV + eviction."""
+    return _budget_words(args) + _evict_words(args) + _quant_words(args)
+
+
+def _evict_words(args) -> str:
+    """"_evictSnapKV" when CommonKV evicts with another method, so those results never share a directory
+    name with CommonKV runs that keep every latent; "" otherwise."""
+    evict = getattr(args, "evict_method", None)
+    if evict in (None, "", "none", "None"):
+        return ""
+    import pyramidkv
+
+    try:
+        evict = pyramidkv.canonical_name(evict)
+    except ValueError:
+        pass  # the method's own check names the valid choices
+    return f"_evict{evict}"
 
 
 def _budget_words(args) -> str:

@@ -102,3 +102,14 @@ def test_sweep_over_kept_fractions():
     with pytest.raises(predict.CLIError, match="give one budget only"):
         predict.expand_sweep(parse(["--method", "SnapKV", "--keep_ratio", "0.1", "--compress_ratio", "0.5"],
                                    sweep=True))
+
+
+def test_commonkv_with_eviction_gets_its_own_results_directory():
+    """CommonKV + --evict_method must not share {model}_{budget} with a CommonKV run keeping every latent
+    (the settings check would refuse the second one instead of storing both)."""
+    _, plain = config(["--method", "CommonKV", "--max_capacity_prompts", "64"])
+    _, evicting = config(["--method", "CommonKV", "--evict_method", "snapkv", "--max_capacity_prompts", "64"])
+    assert plain == "64" and evicting == "64_evictSnapKV"
+    _, quantized = config(["--method", "CommonKV", "--evict_method", "SnapKV", "--max_capacity_prompts", "64",
+                           "--quant_method", "kivi", "--nbits", "4"])
+    assert quantized == "64_evictSnapKV_kivi4"
