@@ -229,31 +229,9 @@ def write_csv(output_dir: str) -> str:
     return path
 
 
-def comparison_table(results: dict[str, dict], sizes: list[int]) -> str:
-    """CS3602's tables: per cache size, every method against the baseline, then the change columns."""
-    base = results.get("baseline")
-    lines = []
-    for size in sizes:
-        lines += [f"\n### cache size {size}\n", "| method | TTFT (s) | TPOT (s) | throughput (tok/s) | PPL | accuracy "
-                  "| KV cache tokens | throughput change | TPOT gain | PPL change | accuracy change |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        rows = ([("baseline", base)] if base else []) + [(label, r) for label, r in results.items()
-                                                         if r.get("cache_size") == size]
-        for label, r in rows:
-            change = ["", "", "", ""]
-            if base and r is not base:
-                change = [f"{100 * (r['throughput_tok_s'] / base['throughput_tok_s'] - 1):+.1f}%",
-                          f"{100 * (1 - r['tpot_s'] / base['tpot_s']):+.1f}%",
-                          f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%",
-                          f"{100 * (r['accuracy'] / base['accuracy'] - 1):+.1f}%" if base["accuracy"] else ""]
-            lines.append(f"| {label} | {r['ttft_s']:.4f} | {r['tpot_s']:.4f} | {r['throughput_tok_s']:.2f} | "
-                         f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}% | {r['kv_cache_tokens']} | "
-                         + " | ".join(change) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from pyramidkv.ppl_compare import comparison_table, draw_figures
     from pyramidkv import ppl, predict
     from pyramidkv.predict import CLIError
 
@@ -299,7 +277,13 @@ def main(argv=None) -> int:
         for label, *_ in runs:
             with open(os.path.join(output_dir, f"{label}.json")) as f:
                 results[label] = json.load(f)
-        print(comparison_table(results, args.cache_sizes or [512, 1024]))
+        sizes = args.cache_sizes or [512, 1024]
+        table = comparison_table(results, sizes)
+        with open(os.path.join(output_dir, "compare_all.md"), "w", encoding="utf-8") as f:
+            f.write(table.lstrip() + "\n")
+        print(table)
+        for path in draw_figures(results, sizes, output_dir):
+            print(f"figure: {path}", file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,7 @@ from test_decode_mechanism import rolling_oracle
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_ppl  # noqa: E402
+from pyramidkv import ppl_compare  # noqa: E402
 from pyramidkv import ppl  # noqa: E402
 
 TINY = os.path.join(ROOT, "ckpt", "pyramidkv-tiny-llama")
@@ -142,7 +143,7 @@ def test_comparison_table_has_change_columns():
             "kv_cache_tokens": 1999}
     other = {**base, "tpot_s": 0.008, "throughput_tok_s": 120.0, "perplexity": 11.0, "kv_cache_tokens": 512,
              "cache_size": 512}
-    table = run_ppl.comparison_table({"baseline": base, "streaming_llm_512": other}, [512])
+    table = ppl_compare.comparison_table({"baseline": base, "streaming_llm_512": other}, [512])
     assert "| streaming_llm_512 |" in table and "+20.0% | +20.0% | +10.0% | +0.0% |" in table
 
 
@@ -155,3 +156,38 @@ def test_every_method_plans_at_the_default_sizes(method, pos_shift):
     runs = run_ppl.planned_runs(args)
     run_ppl.check_runs(runs)
     assert runs and all(config.get("pos_shift", False) == bool(pos_shift) for _, _, config, _ in runs)
+
+
+def _synthetic_result(method, size, ppl, throughput, kv_bytes):
+    return {"method": method, "cache_size": size, "perplexity": ppl, "accuracy": 0.4, "ttft_s": 0.05,
+            "tpot_s": 1 / throughput, "throughput_tok_s": throughput, "kv_cache_tokens": size or 2000,
+            "kv_cache_bytes": kv_bytes}
+
+
+def test_compare_figures_are_drawn_and_the_heatmap_holds_the_table_changes(tmp_path):
+    base = _synthetic_result(None, None, 30.0, 10.0, 90_000_000)
+    results = {"baseline": base,
+               "streaming_llm_512": _synthetic_result("streaming_llm", 512, 33.0, 12.5, 20_000_000),
+               "recent_only_512": _synthetic_result("recent_only", 512, 45.0, 12.0, 25_000_000),
+               "streaming_llm_1024": _synthetic_result("streaming_llm", 1024, 30.3, 11.0, 45_000_000)}
+    paths = ppl_compare.draw_figures(results, [512, 1024], str(tmp_path))
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["cache_efficiency.png", "method_comparison.png", "method_metric_heatmap.png",
+                     "ppl_vs_throughput.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert [round(c, 6) for c in ppl_compare.changes(results["streaming_llm_512"], base)] == [25.0, 20.0, 10.0, 0.0]
+
+
+def test_compare_all_writes_its_table_and_figures(tmp_path, capsys):
+    """--compare_all end to end on the tiny checkpoint with a short text: every run's JSON, the markdown
+    table (baseline + each method at each size) and the four figures."""
+    code = run_ppl.main(["--compare_all", "--model_path", "tiny", "--num_eval_tokens", "80", "--cache_sizes", "64",
+                         "--start_size", "4", "--output_dir", str(tmp_path), "--no_progress"])
+    assert code == 0
+    table = (tmp_path / "compare_all.md").read_text()
+    assert "### cache size 64" in table and "| baseline |" in table
+    assert all(f"| {m}_64 |" in table for m in run_ppl.COMPARE_METHODS)
+    for name in ("method_comparison", "ppl_vs_throughput", "method_metric_heatmap", "cache_efficiency"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
