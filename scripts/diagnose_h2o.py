@@ -67,7 +67,9 @@ def main(argv=None):
         answers.append(texts)
         for x in records:
             for name in methods:
-                keep = build_method(name, max_capacity_prompt=args.budget).select(x, args.budget)[0]  # [heads, K]
+                keep = build_method(name, max_capacity_prompt=args.budget).select(x, args.budget)
+                # None: the budget covers the prompt, every token stays
+                keep = torch.arange(length).expand(x.keys.shape[1], length) if keep is None else keep[0]  # [heads, K]
                 tail = ((keep >= length - args.question_tokens) & (keep < length - 8)).float().sum(-1)
                 question[name][x.layer_idx] += tail.mean().item() / (args.question_tokens - 8) / args.n
                 early[name][x.layer_idx] += (keep < length // 4).float().mean().item() / args.n
