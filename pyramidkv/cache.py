@@ -134,15 +134,19 @@ class CompressedLayer(DynamicLayer):
         keep_bias = slot_bias is not None and bool(slot_bias.any())
         self.slot_bias = slot_bias.float().contiguous() if keep_bias else None
         self._key_buffer = self._value_buffer = None
+        self.record_kept_slots(self.keys.shape[-2], kept_per_row, real_lengths, keys.device)
+
+    def record_kept_slots(self, slots: int, kept_per_row: list[int], real_lengths: list[int], device) -> None:
+        """The slot bookkeeping after prefill compression, whatever the storage: slots per row, each row's
+        real kept count and prompt length, and the filler slots attention must hide."""
         self.needs_compression = False
-        slots = self.keys.shape[-2]
         self.kept_after_prefill = slots
         self.kept_per_row = kept_per_row
         self.prompt_lengths = list(real_lengths)
         # fillers on real columns exist only for a compressed row below the layer's slot count
         if any(kept < min(length, slots) for kept, length in zip(kept_per_row, real_lengths)):
-            fillers = torch.tensor([slots - kept for kept in kept_per_row], device=keys.device)
-            self.filler_slots = torch.arange(slots, device=keys.device)[None, :] < fillers[:, None]
+            fillers = torch.tensor([slots - kept for kept in kept_per_row], device=device)
+            self.filler_slots = torch.arange(slots, device=device)[None, :] < fillers[:, None]
         else:
             self.filler_slots = None
 
@@ -208,11 +212,14 @@ class CompressedLayer(DynamicLayer):
             self.filler_slots = self.filler_slots.index_select(0, beam_idx.to(self.filler_slots.device))
         if self.slot_bias is not None:
             self.slot_bias = self.slot_bias.index_select(0, beam_idx.to(self.slot_bias.device))
-        if self.kept_per_row is not None:
-            self.kept_per_row = [self.kept_per_row[i] for i in beam_idx.tolist()]
-        if self.prompt_lengths is not None:
-            self.prompt_lengths = [self.prompt_lengths[i] for i in beam_idx.tolist()]
+        self._reorder_row_lists(beam_idx.tolist())
         self.decode_state = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.decode_state.items()}
+
+    def _reorder_row_lists(self, rows: list[int]) -> None:
+        # the per-row Python lists follow the batch rows like the tensors do
+        for name in ("kept_per_row", "prompt_lengths"):
+            if getattr(self, name) is not None:
+                setattr(self, name, [getattr(self, name)[row] for row in rows])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -221,9 +228,7 @@ class CompressedLayer(DynamicLayer):
         if self.slot_bias is not None:
             self.slot_bias = self.slot_bias.repeat_interleave(repeats, dim=0)
         if self.kept_per_row is not None:
-            self.kept_per_row = [kept for kept in self.kept_per_row for _ in range(repeats)]
-        if self.prompt_lengths is not None:
-            self.prompt_lengths = [n for n in self.prompt_lengths for _ in range(repeats)]
+            self._reorder_row_lists([row for row in range(len(self.kept_per_row)) for _ in range(repeats)])
         self.decode_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.decode_state.items()}
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -233,9 +238,7 @@ class CompressedLayer(DynamicLayer):
         if self.slot_bias is not None:
             self.slot_bias = self.slot_bias[indices]
         if self.kept_per_row is not None:
-            self.kept_per_row = [self.kept_per_row[i] for i in torch.arange(len(self.kept_per_row))[indices].tolist()]
-        if self.prompt_lengths is not None:
-            self.prompt_lengths = [self.prompt_lengths[i] for i in torch.arange(len(self.prompt_lengths))[indices].tolist()]
+            self._reorder_row_lists(torch.arange(len(self.kept_per_row))[indices].tolist())
         self.decode_state = {k: v[indices] for k, v in self.decode_state.items()}
 
     def nbytes(self) -> int:

@@ -236,12 +236,7 @@ class LatentLayer(CompressedLayer):
 
     def store_compressed(self, keys, values, kept_per_row, real_lengths, slot_bias=None) -> None:
         # the latents were kept by keep_slots; only the slot bookkeeping of CompressedLayer's contract
-        self.needs_compression = False
-        slots = self.latents.shape[1]
-        self.kept_after_prefill, self.kept_per_row = slots, kept_per_row
-        if any(kept < min(length, slots) for kept, length in zip(kept_per_row, real_lengths)):
-            fillers = torch.tensor([slots - kept for kept in kept_per_row], device=self.latents.device)
-            self.filler_slots = torch.arange(slots, device=self.latents.device)[None, :] < fillers[:, None]
+        self.record_kept_slots(self.latents.shape[1], kept_per_row, real_lengths, self.latents.device)
         self._prefill_stored(kept_per_row)
         if self.method.merge and self.layer_idx == self.method.num_layers - 1:  # evict first, then merge
             from .commonkv_merge import merge_groups

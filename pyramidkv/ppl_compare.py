@@ -74,19 +74,23 @@ def draw_figures(results: dict[str, dict], sizes: list[int], out_dir: str) -> li
     ax.legend()
     save(fig, "method_comparison.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))  # 2. PPL vs throughput
-    for size, marker in zip(sizes, "os^Dv"):
-        runs = by_method(size)
-        ax.scatter([r["throughput_tok_s"] for r in runs.values()], [r["perplexity"] for r in runs.values()],
-                   marker=marker, label=f"cache {size}")
-        for m, r in runs.items():
-            ax.annotate(m, (r["throughput_tok_s"], r["perplexity"]), fontsize=7)
-    ax.scatter([base["throughput_tok_s"]], [base["perplexity"]], color="k", marker="*", s=120, label="full cache")
-    ax.set_xlabel("throughput (tokens/s)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity vs throughput")
-    ax.legend()
-    save(fig, "ppl_vs_throughput.png")
+    def ppl_scatter(x_of, xlabel, title, name):  # 2. and 4.: perplexity against one cost per run
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for size, marker in zip(sizes, "os^Dv"):
+            runs = by_method(size)
+            ax.scatter([x_of(r) for r in runs.values()], [r["perplexity"] for r in runs.values()],
+                       marker=marker, label=f"cache {size}")
+            for m, r in runs.items():
+                ax.annotate(m, (x_of(r), r["perplexity"]), fontsize=7)
+        ax.scatter([x_of(base)], [base["perplexity"]], color="k", marker="*", s=120, label="full cache")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity")
+        ax.set_title(title)
+        ax.legend()
+        save(fig, name)
+
+    ppl_scatter(lambda r: r["throughput_tok_s"], "throughput (tokens/s)", "Perplexity vs throughput",
+                "ppl_vs_throughput.png")
 
     labels = [f"{m} {size}" for size in sizes for m in methods if m in by_method(size)]  # 3. heatmap
     grid = np.array([[np.nan if c is None else c for c in changes(by_method(size)[m], base)]
@@ -104,17 +108,6 @@ def draw_figures(results: dict[str, dict], sizes: list[int], out_dir: str) -> li
     ax.set_title("Change vs the full cache")
     save(fig, "method_metric_heatmap.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))  # 4. cache efficiency
-    for size, marker in zip(sizes, "os^Dv"):
-        runs = by_method(size)
-        ax.scatter([r["kv_cache_bytes"] / 2**20 for r in runs.values()], [r["perplexity"] for r in runs.values()],
-                   marker=marker, label=f"cache {size}")
-        for m, r in runs.items():
-            ax.annotate(m, (r["kv_cache_bytes"] / 2**20, r["perplexity"]), fontsize=7)
-    ax.scatter([base["kv_cache_bytes"] / 2**20], [base["perplexity"]], color="k", marker="*", s=120, label="full cache")
-    ax.set_xlabel("KV cache held at the end (MiB)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Cache efficiency")
-    ax.legend()
-    save(fig, "cache_efficiency.png")
+    ppl_scatter(lambda r: r["kv_cache_bytes"] / 2**20, "KV cache held at the end (MiB)", "Cache efficiency",
+                "cache_efficiency.png")
     return paths

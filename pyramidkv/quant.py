@@ -276,13 +276,12 @@ class QuantizedLayer(CompressedLayer):
         self.rows = [rows[i] for i in beam_idx.tolist()]
 
     def _reorder_state(self, index: torch.Tensor) -> None:
-        """Row b of the fillers, slot bias, kept counts and decode state becomes row index[b]."""
+        """Row b of the fillers, slot bias, per-row lists and decode state becomes row index[b]."""
         for name in ("filler_slots", "slot_bias"):
             state = getattr(self, name)
             if state is not None:
                 setattr(self, name, state.index_select(0, index.to(state.device)))
-        if self.kept_per_row is not None:
-            self.kept_per_row = [self.kept_per_row[i] for i in index.tolist()]
+        self._reorder_row_lists(index.tolist())
         self.decode_state = {k: v.index_select(0, index.to(v.device)) for k, v in self.decode_state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:

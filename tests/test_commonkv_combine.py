@@ -25,6 +25,14 @@ def _generate(model, ids, **kw):
                           return_dict_in_generate=True, **kw)
 
 
+def _assert_rows_equal_singles(batch, singles, ids, rows):
+    """Left-padded batch rows = their single runs: the same new tokens, logits within 1e-4 relative."""
+    for b, single in enumerate(singles):
+        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
+        for a, s in zip(batch.logits, single.logits):
+            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+
+
 def _prefill(model, ids, capture=None, **config):
     with pyramidkv.compress(model, "commonkv", **config):
         cache = CompressedCache("commonkv", model.config, **config)
@@ -114,10 +122,7 @@ def test_evict_left_padded_rows_equal_single_runs(budget):
             cache = CompressedCache("commonkv", model.config, **config)
             model(ids, attention_mask=mask, past_key_values=cache)
             assert cache.kept_tokens_per_row()[0] == [20, 14] and cache.layers[0].filler_slots[1].sum() == 6
-    for b, single in enumerate(singles):
-        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
-        for a, s in zip(batch.logits, single.logits):
-            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+    _assert_rows_equal_singles(batch, singles, ids, rows)
 
 
 @pytest.mark.parametrize("evict", ["SnapKV", "PyramidKV", "H2O", "StreamingLLM", "L2Norm", "ChunkKV",
@@ -214,10 +219,7 @@ def test_quant_with_evict_bytes_and_padded_rows_equal_single_runs():
         assert cache.nbytes() == 2 * _quant_bytes(60, 8, 4)  # kept tokens quantized
         batch = _generate(model, ids, attention_mask=mask)
         singles = [_generate(model, row) for row in rows]
-    for b, single in enumerate(singles):
-        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
-        for a, s in zip(batch.logits, single.logits):
-            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+    _assert_rows_equal_singles(batch, singles, ids, rows)
     no_evict = dict(layer_step=2, rank=8, nbits=4, **QUANT)  # a padded row without eviction: its real tokens only
     with pyramidkv.compress(model, "commonkv", **no_evict):
         cache = CompressedCache("commonkv", model.config, **no_evict)
@@ -271,10 +273,7 @@ def test_merge_per_row_padded_batch_equals_single_runs():
     assert counts[0] != counts[1] and counts == [2 * 28 - 23, 2 * 13 - 11]  # ceil(0.4 x pairs) stay per layer
     # bytes: each row's single-run bytes, plus the padded row's pad latents (own slots, masked)
     assert cache.nbytes() == sum(c.nbytes() for c in single_caches) + 4 * pads * 8 * 4
-    for b, single in enumerate(singles):
-        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
-        for a, s in zip(batch.logits, single.logits):
-            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+    _assert_rows_equal_singles(batch, singles, ids, rows)
 
 
 # ---- evict_method + merge=True: evict first, then merge -----------------------------------------
@@ -320,10 +319,7 @@ def test_evict_then_merge_candidates_bytes_and_padded_rows():
     with pyramidkv.compress(model, "commonkv", merge=True, **evict):
         batch = _generate(model, ids, attention_mask=mask)
         singles = [_generate(model, row) for row in rows]
-    for b, single in enumerate(singles):
-        assert torch.equal(batch.sequences[b, ids.shape[1]:], single.sequences[0, rows[b].shape[1]:])
-        for a, s in zip(batch.logits, single.logits):
-            assert ((a[b] - s[0]).abs().max() / s.abs().max()).item() < 1e-4
+    _assert_rows_equal_singles(batch, singles, ids, rows)
 
 
 def test_beam_search_refused_one_line():

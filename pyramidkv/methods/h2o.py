@@ -123,13 +123,13 @@ class H2O(KVMethod):
         d.state["accumulated"] = attention if accumulated is None else accumulated + attention
 
     def decode_select(self, d, budgets):
+        visible = None if not bool(d.hidden.any()) else ~d.hidden
         if self.ratio_form:
             recent = [self.ratio_budgets(s)[1] for s in d.prompt_lengths]
-            mask = None if not bool(d.hidden.any()) else ~d.hidden
-            return _keep_heavy_and_recent(d.state["accumulated"], budgets, recent, mask)
+            return _keep_heavy_and_recent(d.state["accumulated"], budgets, recent, visible)
         window = min(self.window_size, *budgets)
         scores = d.state["accumulated"][..., : d.slots - window]
-        return keep_top_prefix_and_window(scores, budgets, d.slots, None if not bool(d.hidden.any()) else ~d.hidden)
+        return keep_top_prefix_and_window(scores, budgets, d.slots, visible)
 
     def score(self, x: PrefillInputs, window: int):
         """Column sums of the causal prompt attention, per query head [B, Hq, S - window] (fp32).
