@@ -84,3 +84,15 @@ def left_padded(rows):
     for index, row in enumerate(rows):
         mask[index, : width - row.shape[1]] = 0
     return batch, mask
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (the scripts are not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

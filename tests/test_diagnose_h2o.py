@@ -1,24 +1,15 @@
 """scripts/diagnose_h2o.py on the embedded checkpoint: question and first-quarter shares per layer."""
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("diagnose_h2o", os.path.join(ROOT, "scripts", "diagnose_h2o.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def run(tmp_path, budget):
     out = tmp_path / f"d{budget}.json"
-    load_script().main(["--model_path", "tiny", "--task", "niah_single_1", "--length", "512", "--n", "2",
-                        "--budget", str(budget), "--out", str(out), "--threads", "1"])
+    load_script("diagnose_h2o").main(["--model_path", "tiny", "--task", "niah_single_1", "--length", "512", "--n", "2",
+                                         "--budget", str(budget), "--out", str(out), "--threads", "1"])
     return json.loads(out.read_text())
 
 
@@ -43,4 +34,4 @@ def test_small_budget_shares_are_fractions_per_layer(tmp_path, capsys):
 
 def test_bad_numbers_are_one_line_errors():
     with pytest.raises(SystemExit, match="--budget 8 > 8"):
-        load_script().main(["--model_path", "tiny", "--budget", "8"])
+        load_script("diagnose_h2o").main(["--model_path", "tiny", "--budget", "8"])

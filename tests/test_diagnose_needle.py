@@ -1,20 +1,11 @@
 """scripts/diagnose_needle.py on the embedded checkpoint: kept shares, vote ranks, answers."""
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("diagnose_needle", os.path.join(ROOT, "scripts", "diagnose_needle.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_diagnosis_report(tmp_path, capsys):
-    script = load_script()
+    script = load_script("diagnose_needle")
     out = tmp_path / "d.json"
     script.main(["--model_path", "tiny", "--task", "niah_single_1", "--length", "512", "--n", "2", "--budget", "48",
                  "--configs", "SnapKV:w8:k7,PyramidKV:w8:k7,ChunkKV:w8:c10", "--answers", "--out", str(out),
@@ -32,7 +23,7 @@ def test_diagnosis_report(tmp_path, capsys):
 
 
 def test_bad_config_is_one_line_error():
-    script = load_script()
+    script = load_script("diagnose_needle")
     try:
         script.parse_config("SnapKV:x8")
     except ValueError as err:
