@@ -26,7 +26,7 @@ import sys
 
 from pyramidkv import placement, predict, result_files, results_dir, sharding
 from pyramidkv.ruler import DEFAULT_TASKS, TASKS, generate_sample, parse_task_list, tokens_to_generate
-from pyramidkv.ruler.__main__ import parse_lengths
+from pyramidkv.ruler.__main__ import add_depth_order_arg, parse_lengths
 from pyramidkv.ruler.dataset import dataset_path, read_dataset, read_meta
 from pyramidkv.ruler.haystacks import ESSAY_SOURCE
 from pyramidkv.ruler.qa import find_qa_file, read_hotpotqa, read_squad
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root of pre-generated {length}/{task}.jsonl files (python -m pyramidkv.ruler); "
                         "missing files are generated on the fly (default: generate everything)")
     g.add_argument("--qa_dir", default=None, help="folder with squad.json / hotpotqa.json (default: data/)")
+    add_depth_order_arg(g)
     return parser
 
 
@@ -72,7 +73,11 @@ def read_pregenerated(args, task: str, length: int) -> dict | None:
     if missing:
         raise predict.CLIError(f"{path} has no sample index {missing[0]} (needs 0..{args.num_samples - 1}); "
                                "regenerate it with python -m pyramidkv.ruler --num_samples N")
-    read_meta(path)  # a corrupt .meta.json fails here, before the model loads
+    meta = read_meta(path) or {}  # a corrupt .meta.json fails here, before the model loads
+    made_order = meta.get("depth_order", "sequential") if meta else args.depth_order  # older files: grid order
+    if made_order != args.depth_order:
+        raise predict.CLIError(f"{path} was generated with --depth_order {made_order}, this run has "
+                               f"--depth_order {args.depth_order}; pass --depth_order {made_order} or regenerate it")
     return samples
 
 
@@ -89,7 +94,7 @@ def sample_getter(args, tokenizer, task: str, length: int, chat: bool, samples: 
             print(f"warning: {path} was generated with {made}, this run uses {now}", file=sys.stderr, flush=True)
         return samples.__getitem__
     return lambda i: generate_sample(task, tokenizer, length, i, args.seed, chat_template=chat,
-                                     qa_dir=args.qa_dir)
+                                     qa_dir=args.qa_dir, depth_order=args.depth_order)
 
 
 def results_path(out_dir: str, length: int, task: str, method: str) -> str:
@@ -141,7 +146,8 @@ class Run:
         self.out_dir = os.path.join(args.save_dir, f"{resolved.name}_{predict.budget_name(args)}")
         real = (lambda path: os.path.realpath(path) if path else None)
         self.settings = results_dir.run_settings(args, {"benchmark": "RULER", "data_dir": real(args.data_dir),
-                                                        "qa_dir": real(args.qa_dir)})
+                                                        "qa_dir": real(args.qa_dir),
+                                                        "depth_order": args.depth_order})
 
 
 def main(argv=None) -> None:

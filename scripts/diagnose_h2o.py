@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from pyramidkv.ruler.__main__ import add_depth_order_arg  # no torch: --help stays fast
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -23,6 +25,7 @@ def build_parser():
     p.add_argument("--length", type=int, default=4096, help="total tokens per prompt")
     p.add_argument("--n", type=int, default=5, help="prompts")
     p.add_argument("--seed", type=int, default=42, help="RULER generation seed")
+    add_depth_order_arg(p)
     p.add_argument("--budget", type=int, default=1024, help="max_capacity_prompt")
     p.add_argument("--methods", default="H2O,SnapKV", help="comma list of methods (window 8 each)")
     p.add_argument("--question_tokens", type=int, default=60, help="prompt tail counted as the question")
@@ -53,7 +56,8 @@ def main(argv=None):
     correct = {m: 0 for m in ["FullKV"] + methods}
     answers = []
     for index in tqdm(range(args.n), desc="prompts"):
-        sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True)
+        sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True,
+                                 depth_order=args.depth_order)
         enc = tokenizer([sample["input"]], return_tensors="pt", add_special_tokens=False)
         length = enc.input_ids.shape[1]
         kw = {"pad_token_id": tokenizer.pad_token_id, "do_sample": False}

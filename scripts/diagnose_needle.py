@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from pyramidkv.ruler.__main__ import add_depth_order_arg  # no torch: --help stays fast
+
 DEFAULT_CONFIGS = ("SnapKV:w8:k7", "SnapKV:w8:k1", "SnapKV:w32:k7", "ChunkKV:w8:c10", "PyramidKV:w8:k7")
 
 
@@ -26,6 +28,7 @@ def build_parser():
     p.add_argument("--length", type=int, default=2048, help="total tokens per prompt (default: 2048)")
     p.add_argument("--n", type=int, default=20, help="prompts (default: 20)")
     p.add_argument("--seed", type=int, default=42, help="RULER generation seed (default: 42)")
+    add_depth_order_arg(p)
     p.add_argument("--budget", type=int, default=512, help="max_capacity_prompt for every config (default: 512)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help="comma list of METHOD:wW:kK (kernel) or ChunkKV:wW:cC (chunk size) "
@@ -92,7 +95,8 @@ def main(argv=None):
     norm_corr = [[] for _ in range(layers)]
     answers = {name: [] for name in ["FullKV"] + names}  # per config: (correct, leading digits reproduced)
     for index in tqdm(range(args.n), desc="prompts"):
-        sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True)
+        sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True,
+                                 depth_order=args.depth_order)
         spans = needle_token_positions(tokenizer, sample["input"], sample["outputs"])
         enc = tokenizer([sample["input"]], return_tensors="pt", add_special_tokens=False)
         gen_kwargs = {"pad_token_id": tokenizer.pad_token_id, "do_sample": False}

@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import sys
+
+from pyramidkv.ruler.__main__ import add_depth_order_arg  # no torch: --help stays fast
 import time
 
 
@@ -28,6 +30,7 @@ def build_parser():
     p.add_argument("--length", type=int, default=2048, help="total tokens per prompt (default: 2048)")
     p.add_argument("--n", type=int, default=16, help="prompts (default: 16)")
     p.add_argument("--seed", type=int, default=7, help="RULER generation seed (default: 7)")
+    add_depth_order_arg(p)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     return p
@@ -82,7 +85,8 @@ def main(argv=None):
     started = time.time()
     total = None
     for index in range(args.n):
-        sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True)
+        sample = generate_sample(args.task, tokenizer, args.length, index, args.seed, chat_template=True,
+                                 depth_order=args.depth_order)
         value = sample["outputs"][0]
         positions = value_token_positions(tokenizer, sample["input"], value)
         ids = tokenizer([sample["input"]], return_tensors="pt", add_special_tokens=False).input_ids

@@ -49,6 +49,7 @@ def test_two_methods_tree_and_scores(checkpoint, tmp_path):
     meta = json.loads((results_dir / "run_meta.json").read_text())
     assert meta["SnapKV"]["protocol"]["benchmark"] == "RULER"
     assert meta["SnapKV"]["protocol"]["data_sources"]["1024/vt"] == "generated on the fly"
+    assert meta["SnapKV"]["settings"]["depth_order"] == "spread"  # part of the resume setting
 
     assert eval_cli.main(["--results_dir", str(results_dir)]) == 0
     results = json.loads((results_dir / "results.json").read_text())
@@ -73,7 +74,7 @@ def test_oracle_predictions_score_100(checkpoint, tmp_path, monkeypatch):
     assert scores == {"niah_single_1": 100.0, "vt": 0.0, "average": 50.0}
 
 
-def test_pregenerated_data_is_used(checkpoint, tmp_path, monkeypatch):
+def test_pregenerated_data_is_used(checkpoint, tmp_path, monkeypatch, capsys):
     data_dir = tmp_path / "data"
     assert ruler_cli.main(["--tokenizer", checkpoint, "--tasks", "niah_single_1", "--context_lengths", "1024",
                            "--num_samples", "2", "--data_dir", str(data_dir)]) == 0
@@ -88,6 +89,13 @@ def test_pregenerated_data_is_used(checkpoint, tmp_path, monkeypatch):
             "--tasks", "niah_single_1", "--num_samples", "2", "--data_dir", str(data_dir)]
     assert predict.run_cli(run_ruler.main, argv) == 0
     assert seen == [s["input"] for s in samples]
+    assert json.loads((data_dir / "1024" / "niah_single_1.meta.json").read_text())["depth_order"] == "spread"
+    other = argv + ["--depth_order", "sequential", "--save_dir", str(tmp_path / "out2")]
+    capsys.readouterr()
+    assert predict.run_cli(run_ruler.main, other) == 2  # the file's needles are not where the run says
+    err = capsys.readouterr().err.strip()
+    assert "was generated with --depth_order spread, this run has --depth_order sequential" in err
+    assert "\n" not in err and not (tmp_path / "out2").exists()
     path.write_text(path.read_text().replace('"index": 1', '"index": 1,,'))
     with pytest.raises(ValueError, match=r"niah_single_1.jsonl:2: malformed JSON line"):
         run_ruler.sample_getter(run_ruler.build_parser().parse_args(argv), None, "niah_single_1", 1024, False)

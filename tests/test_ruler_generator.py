@@ -80,7 +80,15 @@ def test_niah_answers_and_spans(tokenizer, task):
 
 def test_depths_spread_evenly(tokenizer):
     samples = generate_samples("niah_single_1", tokenizer, 1024, num_samples=40, seed=1)
-    assert [s["depth"] for s in samples] == DEPTHS
+    depths = [s["depth"] for s in samples]
+    assert sorted(depths) == DEPTHS  # 40 consecutive samples: each grid depth once (the heatmap's rows)
+    first10 = sorted(depths[:10])
+    assert first10[0] == 0 and first10[-1] >= 90  # a 10-sample run reaches the whole context ...
+    assert max(b - a for a, b in zip(first10, first10[1:])) <= 21  # ... without a gap over a fifth of it
+    assert [s["depth"] for s in generate_samples("niah_single_1", tokenizer, 1024, 40, seed=1,
+                                                 depth_order="sequential")] == DEPTHS  # older tables' order
+    with pytest.raises(ValueError, match="depth_order 'middle' unknown; choose from: spread, sequential"):
+        generate_samples("niah_single_1", tokenizer, 1024, 1, seed=1, depth_order="middle")
     for sample in samples:  # the needle sits at its depth within the haystack (template aside)
         start = sample["input"].index("afterwards.\n") + len("afterwards.\n")
         end = sample["input"].index("\nWhat is the special")

@@ -11,6 +11,7 @@ import os
 import sys
 
 from .dataset import write_dataset
+from .niah import DEFAULT_DEPTH_ORDER, DEPTH_ORDERS
 from .spec import DEFAULT_TASKS, HAYSTACKS, TASKS, haystack_choices, parse_task_list
 
 
@@ -48,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the haystack of niah/vt tasks (default: RULER's per task)")
     parser.add_argument("--qa_dir", default=None,
                         help="folder holding squad.json / hotpotqa.json for qa_1/qa_2 (default: data/)")
+    add_depth_order_arg(parser)
     return parser
+
+
+def add_depth_order_arg(parser) -> None:
+    parser.add_argument("--depth_order", default=DEFAULT_DEPTH_ORDER, choices=tuple(DEPTH_ORDERS),
+                        help="depth of sample i's answer needle on RULER's 40-point grid: spread (bit-reversed "
+                             "order, the first n samples cover 0-100%%) or sequential (grid order, i mod 40: "
+                             "10 samples sit at 0-23%%; tables made before 2026-12-02) (default: spread)")
 
 
 def load_tokenizer(spec: str):
@@ -93,7 +102,7 @@ def main(argv=None) -> int:
                 override = args.haystack if args.haystack in haystack_choices(task) else None
                 path, seconds = write_dataset(args.data_dir, task, tokenizer, length, args.num_samples,
                                               args.seed, chat, name, haystack_override=override,
-                                              qa_dir=args.qa_dir)
+                                              qa_dir=args.qa_dir, depth_order=args.depth_order)
                 print(f"{path}: {args.num_samples} samples in {seconds:.1f}s", flush=True)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)

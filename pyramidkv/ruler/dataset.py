@@ -8,6 +8,7 @@ import time
 
 from . import haystacks
 from .generator import generate_samples
+from .niah import DEFAULT_DEPTH_ORDER
 
 REQUIRED_FIELDS = ("index", "input", "outputs", "length")
 
@@ -18,13 +19,15 @@ def dataset_path(data_dir: str, length: int, task: str) -> str:
 
 def write_dataset(data_dir: str, task: str, tokenizer, length: int, num_samples: int, seed: int,
                   chat_template: bool, tokenizer_name: str, haystack_override: str | None = None,
-                  qa_dir: str | None = None, progress: bool = True) -> tuple[str, float]:
+                  qa_dir: str | None = None, progress: bool = True,
+                  depth_order: str = DEFAULT_DEPTH_ORDER) -> tuple[str, float]:
     """Generate num_samples samples and write them atomically; returns (path, seconds taken)."""
     path = dataset_path(data_dir, length, task)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     start = time.perf_counter()
     samples = generate_samples(task, tokenizer, length, num_samples, seed, chat_template=chat_template,
-                               haystack_override=haystack_override, qa_dir=qa_dir, progress=progress)
+                               haystack_override=haystack_override, qa_dir=qa_dir, progress=progress,
+                               depth_order=depth_order)
     seconds = time.perf_counter() - start
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -33,7 +36,7 @@ def write_dataset(data_dir: str, task: str, tokenizer, length: int, num_samples:
     os.replace(tmp, path)
     meta = {"task": task, "max_seq_length": length, "num_samples": num_samples, "seed": seed,
             "tokenizer": tokenizer_name, "chat_template": chat_template,
-            "haystack_override": haystack_override, "essay_source": haystacks.ESSAY_SOURCE,
+            "haystack_override": haystack_override, "depth_order": depth_order, "essay_source": haystacks.ESSAY_SOURCE,
             "python": platform.python_version(), "generation_seconds": round(seconds, 3)}
     with open(path[:-len(".jsonl")] + ".meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)

@@ -7,6 +7,7 @@ import hashlib
 from tqdm import tqdm
 
 from . import niah, qa, synthetic
+from .niah import DEFAULT_DEPTH_ORDER, DEPTH_ORDERS
 from .fitting import assemble, chat_frame, count_tokens, fit_tolerance, fit_units
 from .spec import check_task, haystack_choices, task_family
 from .spec import tokens_to_generate as default_tokens_to_generate
@@ -28,7 +29,8 @@ def sample_seed(task: str, seed: int, index: int) -> int:
 
 def generate_sample(task: str, tokenizer, max_seq_length: int, index: int, seed: int,
                     chat_template: bool = False, haystack_override: str | None = None,
-                    qa_dir: str | None = None, tokens_to_generate: int | None = None) -> dict:
+                    qa_dir: str | None = None, tokens_to_generate: int | None = None,
+                    depth_order: str = DEFAULT_DEPTH_ORDER) -> dict:
     """One RULER sample, deterministic in (task, seed, index) for a given tokenizer.
 
     Returns {"index", "task", "input" (full model input: chat template and answer prefix included),
@@ -39,8 +41,11 @@ def generate_sample(task: str, tokenizer, max_seq_length: int, index: int, seed:
     is the assigned variable and "key" what it is assigned from; empty for cwe, fwe and qa).
     haystack_override replaces the task's haystack (noise | essay | needle; niah and vt only).
     tokens_to_generate overrides RULER's per-task value (e.g. short answers when training).
+    depth_order ("spread" | "sequential", pyramidkv.ruler.niah) picks the answer needle's depth for index.
     """
     check_task(task)
+    if depth_order not in DEPTH_ORDERS:
+        raise ValueError(f"depth_order {depth_order!r} unknown; choose from: {', '.join(DEPTH_ORDERS)}")
     family = task_family(task)
     if haystack_override is not None:
         allowed = haystack_choices(task)
@@ -55,7 +60,7 @@ def generate_sample(task: str, tokenizer, max_seq_length: int, index: int, seed:
     frame = chat_frame(tokenizer, chat_template)
     rng_seed = sample_seed(task, seed, index)
     context = {"tokenizer": tokenizer, "frame": frame, "max_seq_length": max_seq_length, "budget": budget,
-               "haystack": haystack_override, "qa_dir": qa_dir}
+               "haystack": haystack_override, "qa_dir": qa_dir, "depth_order": depth_order}
     build, n_min = _BUILDERS[family](task, rng_seed, index, context)
 
     def measure(n: int, fill: int = 0):
@@ -84,11 +89,12 @@ def generate_sample(task: str, tokenizer, max_seq_length: int, index: int, seed:
 def generate_samples(task: str, tokenizer, max_seq_length: int, num_samples: int, seed: int,
                      chat_template: bool = False, haystack_override: str | None = None,
                      qa_dir: str | None = None, tokens_to_generate: int | None = None,
-                     start_index: int = 0, progress: bool = False) -> list[dict]:
+                     start_index: int = 0, progress: bool = False,
+                     depth_order: str = DEFAULT_DEPTH_ORDER) -> list[dict]:
     """Samples start_index .. start_index + num_samples - 1 (each as generate_sample would give)."""
     indices = range(start_index, start_index + num_samples)
     if progress:
         indices = tqdm(indices, desc=f"generate {task}@{max_seq_length}", unit="sample")
     return [generate_sample(task, tokenizer, max_seq_length, i, seed, chat_template=chat_template,
                             haystack_override=haystack_override, qa_dir=qa_dir,
-                            tokens_to_generate=tokens_to_generate) for i in indices]
+                            tokens_to_generate=tokens_to_generate, depth_order=depth_order) for i in indices]

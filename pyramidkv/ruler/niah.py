@@ -3,8 +3,12 @@
 Recipe of RULER (Hsieh et al., 2024, arXiv:2404.06654, Sec. 3.1): needles "One of the special magic
 {numbers|uuids} for {key} is: {value}." are placed at depths in a noise, essay or needle haystack;
 multikey adds distractor keys, multivalue several values per key, multiquery several queried keys.
-Depths come from RULER's 40-point grid (0..100 %); the first answer needle of sample i sits at grid
-point i mod 40 so a run's samples cover the context evenly, other needles take random grid points.
+Depths come from RULER's 40-point grid (0..100 %); other needles take random grid points, as in RULER.
+RULER draws the answer needle's depth at random too; here sample i takes grid point DEPTH_ORDERS[order][i
+mod 40], so every 40 consecutive samples cover each depth once (the needle heatmap's rows) and, with the
+default "spread" order, the first n samples are spread over the whole context (10 samples: depths 0, 82,
+41, 21, 62, 10, 92, 51, 31, 72), where "sequential" (grid order; tables made before 2026-12-02) puts the
+first 10 at depths 0..23 %, which a 10-sample table would read as a property of the method.
 """
 from __future__ import annotations
 
@@ -15,6 +19,24 @@ from .fitting import Built, join_tracked
 from .spec import task_args, task_template
 
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40))
+
+
+def _bit_reversed_grid(n: int) -> list[int]:
+    """0..n-1 in bit-reversed order (van der Corput): every prefix is spread over the whole range."""
+    bits = max(1, (n - 1).bit_length())
+    reversed_ = (int(format(i, f"0{bits}b")[::-1], 2) for i in range(2 ** bits))
+    return [i for i in reversed_ if i < n]
+
+
+DEPTH_ORDERS = {"spread": _bit_reversed_grid(len(DEPTHS)), "sequential": list(range(len(DEPTHS)))}
+DEFAULT_DEPTH_ORDER = "spread"
+
+
+def lead_depth(index: int, order: str = DEFAULT_DEPTH_ORDER) -> int:
+    """Depth (percent) of sample index's answer needle under a depth order."""
+    if order not in DEPTH_ORDERS:
+        raise ValueError(f"depth order {order!r} unknown; choose from: {', '.join(DEPTH_ORDERS)}")
+    return DEPTHS[DEPTH_ORDERS[order][index % len(DEPTHS)]]
 
 
 def _needle(type_needle_v: str, key: str, value: str) -> tuple[str, int, int]:
@@ -50,10 +72,10 @@ def make_builder(task: str, sample_seed: int, index: int, ctx: dict):
     needles = [{"key": k, "value": v, "is_answer": k in queries} for k, vs in zip(keys, values) for v in vs]
     rng.shuffle(needles)
     lead = next(i for i, n in enumerate(needles) if n["value"] == answers[0])
-    lead_depth = DEPTHS[index % len(DEPTHS)]
-    others = rng.sample([d for d in DEPTHS if d != lead_depth], len(needles) - 1)
+    answer_depth = lead_depth(index, ctx.get("depth_order") or DEFAULT_DEPTH_ORDER)
+    others = rng.sample([d for d in DEPTHS if d != answer_depth], len(needles) - 1)
     for i, needle in enumerate(needles):
-        needle["depth"] = lead_depth if i == lead else others.pop()
+        needle["depth"] = answer_depth if i == lead else others.pop()
 
     distractors: list[tuple[str, str]] = []  # needle-haystack sentences, grown on demand
     distractor_rng = Random(sample_seed ^ 0x5EED)
@@ -106,7 +128,7 @@ def make_builder(task: str, sample_seed: int, index: int, ctx: dict):
                           "depth": needle["depth"],
                           "key_span": (key_start, key_start + len(needle["key"])),
                           "value_span": (value_start, value_start + len(needle["value"]))})
-        return Built(pre + context + post, answer_prefix, list(answers), spans, lead_depth)
+        return Built(pre + context + post, answer_prefix, list(answers), spans, answer_depth)
 
     build.fillable = type_haystack != "essay"
     return build, 0

@@ -121,7 +121,9 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(args.model_path)
     attn = "eager" if args.what == "copy_attention" else "sdpa"  # attention weights need eager
     model = AutoModelForCausalLM.from_pretrained(args.model_path, attn_implementation=attn).eval()
-    samples = [generate_sample(args.task, tok, args.length, i, args.seed) for i in range(args.n)]
+    # the grid order of the README's diagnosis numbers (pyramidkv.ruler.niah.DEPTH_ORDERS)
+    samples = [generate_sample(args.task, tok, args.length, i, args.seed, depth_order="sequential")
+               for i in range(args.n)]
     if args.what == "errors":
         for kind, count in errors(model, tok, samples).items():
             print(f"{kind}: {count}")

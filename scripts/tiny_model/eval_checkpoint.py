@@ -36,7 +36,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from functools import partial
     from pyramidkv.ruler import generate_sample
+    # the grid order of the model card's numbers (pyramidkv.ruler.niah.DEPTH_ORDERS)
+    generate_sample = partial(generate_sample, depth_order="sequential")
     tok = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path).eval()
     for method in args.methods:

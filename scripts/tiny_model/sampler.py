@@ -128,7 +128,8 @@ def get_sampler():
 
     def guarded(task, tokenizer, max_seq_length, index, seed):
         try:
-            return generate_sample(task, tokenizer, max_seq_length, index, seed)
+            # the grid order the embedded checkpoint was trained on (pyramidkv.ruler.niah.DEPTH_ORDERS)
+            return generate_sample(task, tokenizer, max_seq_length, index, seed, depth_order="sequential")
         except Exception:
             FAILURES["count"] += 1
             return fallback_sample(task, tokenizer, max_seq_length, index, seed)
