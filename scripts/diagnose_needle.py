@@ -31,7 +31,8 @@ def build_parser():
     add_depth_order_arg(p)
     p.add_argument("--budget", type=int, default=512, help="max_capacity_prompt for every config (default: 512)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="comma list of METHOD:wW:kK (kernel) or ChunkKV:wW:cC (chunk size) "
+                   help="comma list of METHOD:wW:kK (kernel) or ChunkKV:wW:cC (chunk size); AdaKV also "
+                        "takes fN (floor_fraction N%%, e.g. AdaKV:w8:k7:f20) "
                         f"(default: {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--out", default=None, help="JSON output (default: bench_out/diagnose_<task>_<length>_<budget>.json)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
@@ -45,10 +46,10 @@ def parse_config(text: str) -> tuple[str, dict]:
     method, *parts = text.split(":")
     config = {}
     for part in parts:
-        key = {"w": "window_size", "k": "kernel_size", "c": "chunk_size"}.get(part[:1])
+        key = {"w": "window_size", "k": "kernel_size", "c": "chunk_size", "f": "floor_fraction"}.get(part[:1])
         if key is None or not part[1:].isdigit():
-            raise ValueError(f"config part {part!r} in {text!r}: use wN, kN or cN")
-        config[key] = int(part[1:])
+            raise ValueError(f"config part {part!r} in {text!r}: use wN, kN, cN or fN")
+        config[key] = int(part[1:]) / 100 if key == "floor_fraction" else int(part[1:])
     return method, config
 
 
@@ -79,6 +80,7 @@ def main(argv=None):
     configs = [parse_config(c) for c in args.configs.split(",")]
     import torch
     from pyramidkv import build_method, models
+    from pyramidkv.methods.adakv import PerHeadSnapKV
     from pyramidkv.methods.base import group_mean, window_attention
     from pyramidkv.ruler import generate_sample
     from pyramidkv.shared_prefill import generate_many, record_prefill
@@ -118,8 +120,14 @@ def main(argv=None):
             layer = x.layer_idx
             for name, (method, config) in zip(names, configs):
                 budget = budgets[name][layer]  # PyramidKV: its own per-layer budget
-                keep = build_method(method, max_capacity_prompt=args.budget, **config).select(x, budget)
-                hit = (keep[0][:, :, None] == positions[None, None, :]).any(1)  # [heads, value tokens]
+                built = build_method(method, max_capacity_prompt=args.budget, **config)
+                if isinstance(built, PerHeadSnapKV):  # per-head storage: a slot counts where its head holds it
+                    bias = built.compress(x, budget)[2]
+                    held = (x.kept_indices[0][:, :, None] == positions[None, None, :]) & (bias[0][:, :, None] == 0)
+                    hit = held.any(1)
+                else:
+                    keep = built.select(x, budget)
+                    hit = (keep[0][:, :, None] == positions[None, None, :]).any(1)  # [heads, value tokens]
                 kept[name][layer].extend(hit.float().tolist())
             votes = group_mean(window_attention(x, 8).sum(2), x.num_kv_groups)[0, :, : x.seq_len - 8]
             ranks = (-votes).argsort(-1).argsort(-1)[:, positions]  # [heads, value tokens]

@@ -298,3 +298,22 @@ def test_unsupported_options_are_one_line_errors():
         pyramidkv.build_method("adakv", floor_fraction=1.5)
     with pytest.raises(ValueError, match="pool_fraction"):
         pyramidkv.build_method("headkv", pool_fraction=-0.1)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_adakv_with_full_floor_is_snapkv(attn):
+    """floor_fraction=1 leaves nothing to reallocate: every head keeps its own top C - w, which is
+    SnapKV's selection (same scores, pooling and GQA averaging) stored per head — so the same logits."""
+    model = tiny_model(attn=attn)
+    input_ids = prompt(48, seed=5)
+    with pyramidkv.compress(model, "SnapKV", max_capacity_prompt=16):
+        snap = greedy(model, input_ids, new_tokens=6)
+    with pyramidkv.compress(model, "AdaKV", max_capacity_prompt=16, floor_fraction=1.0):
+        ada = greedy(model, input_ids, new_tokens=6)
+    with pyramidkv.compress(model, "AdaKV", max_capacity_prompt=16):
+        realloc = greedy(model, input_ids, new_tokens=6)
+    assert torch.equal(ada.sequences, snap.sequences)
+    for ours, theirs in zip(ada.logits, snap.logits):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # the default floor does reallocate on this prompt (the comparison above can fail)
+    assert any(len(set(row[0])) > 1 for row in realloc.past_key_values.kept_tokens_per_head())
