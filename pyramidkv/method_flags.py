@@ -15,6 +15,7 @@ import argparse
 import ast
 import functools
 import os
+import re
 from dataclasses import dataclass
 
 METHODS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")
@@ -134,6 +135,19 @@ def budget_name(args) -> str:
     "compress0.4" / "keep0.6" for a ratio, "own" for a method that sizes its cache itself (its size
     parameters are in the stored settings); "128_kivi4" when quantized (see _quant_words), "64_evictSnapKV" for CommonKV + eviction."""
     return _budget_words(args) + _evict_words(args) + _quant_words(args)
+
+
+def parse_budget_names(text: str) -> list:
+    """The budgets of a sweep table as budget_name writes them: "64,keep0.25,512_kivi4" ->
+    [64, "keep0.25", "512_kivi4"] (token counts stay ints). ValueError names a bad entry."""
+    names = [b.strip() for b in text.replace(" ", ",").split(",") if b.strip()]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9._]+", name):
+            raise ValueError(f"bad --budgets entry {name!r}; expected budget names as in the results "
+                             "directories: 128, keep0.25, compress0.4, 512_kivi4, own")
+    if not names:
+        raise ValueError(f"bad --budgets {text!r}; expected a comma list such as 128,512 or keep0.1,keep0.5")
+    return [int(n) if n.isdigit() else n for n in names]
 
 
 def _evict_words(args) -> str:

@@ -8,9 +8,10 @@ Reads {results_dir}/{length}/{task}/{Method}.json (one JSON line per sample with
 "depth", the needle's depth in % of the haystack), scores each sample with RULER's string_match_all
 (the % of its answers found in the prediction) and draws one heatmap per method: x = context length,
 y = needle depth (0 % = start of the haystack, at the top, as in the papers), colour = mean score of
-the samples in that cell, red (0) to green (100). RULER's niah samples put sample i's needle at depth
-grid point i mod 40 (pyramidkv/ruler/niah.py DEPTHS), so 40 samples per length cover 40 depths; they
-are binned into --depth_bins rows. Writes {out_dir}/needle_{task}_{label}.png per method, one
+the samples in that cell, red (0) to green (100). RULER's niah samples put each needle on a 40-point depth
+grid (pyramidkv/ruler/niah.py DEPTHS), every 40 consecutive samples on each point once (with the
+default spread order any first n samples reach over the whole context); the depths are binned into
+--depth_bins rows (10 samples per length: one sample per 10% row). Writes {out_dir}/needle_{task}_{label}.png per method, one
 needle_{task}.png with every method side by side, and needle_{task}.md (per-method averages per
 length and overall); prints the markdown. Several results dirs may be given (e.g. one per budget):
 methods are then labelled with their directory's budget.

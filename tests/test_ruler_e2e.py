@@ -143,6 +143,24 @@ def test_sweep_table_methods_by_budgets(tmp_path, capsys):
                             "| SnapKV | 128 | 70.0 | 70.0 |", "| StreamingLLM | 128 | 10.0 | 10.0 |"]
 
 
+def test_sweep_table_takes_ratio_and_quantized_budget_names(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "scripts_ruler"))
+    import sweep_table
+
+    for budget, avg in {"keep0.1": 20.0, "keep0.5": 60.0, "512_kivi4": 80.0}.items():
+        directory = tmp_path / f"tiny_{budget}"
+        directory.mkdir()
+        (directory / "results.json").write_text(json.dumps({"SnapKV": {"1024": {"niah_single_1": avg,
+                                                                                "average": avg}}}))
+    assert sweep_table.main(["--results_root", str(tmp_path), "--model_name", "tiny",
+                             "--budgets", "keep0.1,keep0.5,512_kivi4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["1024", "tokens", "budget", "keep0.1", "budget", "keep0.5", "budget", "512_kivi4"]
+    assert lines[1].split() == ["SnapKV", "20.00", "60.00", "80.00"]
+    assert sweep_table.main(["--results_root", str(tmp_path), "--model_name", "tiny", "--budgets", "../x"]) == 2
+    assert "bad --budgets entry '../x'" in capsys.readouterr().err
+
+
 def test_a_sweep_predicts_what_one_run_per_method_and_budget_does(tmp_path):
     """--method A,B --max_capacity_prompts x,y: one shared prefill per prompt, the same files as separate
     runs (on the embedded checkpoint, whose answers depend on what is kept), FullKV once, resumable."""

@@ -19,13 +19,14 @@ import os
 import sys
 
 from pyramidkv.longbench import ALL_DATASETS
+from pyramidkv.method_flags import parse_budget_names as parse_budgets
 
 SMOKE_TITLE = ("LongBench protocol on the bundled smoke sample (data/longbench_smoke) -- NOT LongBench: "
                "self-written text in LongBench format; not comparable to published tables")
 AVERAGES = ("average_english", "average")
 
 
-def load_results(results_root: str, model_name: str, budgets: list[int]) -> tuple[dict, set]:
+def load_results(results_root: str, model_name: str, budgets: list) -> tuple[dict, set]:
     """({method: {budget: {dataset: score, average_english, average}}}, data sources from run_meta)."""
     results: dict = {}
     sources: set = set()
@@ -58,7 +59,7 @@ def ordered(methods, order: list[str]) -> list[str]:
     return [m for m in order if m in methods] + sorted(set(methods) - set(order))
 
 
-def rows_per_budget(results: dict, budgets: list[int], order: list[str]) -> list[tuple[str, int | None, dict]]:
+def rows_per_budget(results: dict, budgets: list, order: list[str]) -> list[tuple[str, int | None, dict]]:
     """(method, budget, scores) rows; FullKV once (budget None), from the first budget it ran at."""
     rows = []
     for method in ordered(results, order):
@@ -70,7 +71,7 @@ def rows_per_budget(results: dict, budgets: list[int], order: list[str]) -> list
     return rows
 
 
-def averages(results: dict, budgets: list[int]) -> dict:
+def averages(results: dict, budgets: list) -> dict:
     """{method: {budget: LongBench average}}; FullKV's one run fills every budget column."""
     table = {}
     for method, per_budget in results.items():
@@ -81,7 +82,7 @@ def averages(results: dict, budgets: list[int]) -> dict:
     return table
 
 
-def average_table(table: dict, budgets: list[int], order: list[str]) -> str:
+def average_table(table: dict, budgets: list, order: list[str]) -> str:
     """Markdown: methods x budgets, the LongBench average."""
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for method in ordered(table, order):
@@ -109,13 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--results_root", required=True, help="save dir holding {model_name}_{budget}/")
     parser.add_argument("--model_name", required=True,
                         help="the resolved model name in the directory names (e.g. SmolLM2-135M-Instruct)")
-    parser.add_argument("--budgets", required=True, help="comma list of max_capacity_prompts")
+    parser.add_argument("--budgets", required=True, help="comma list of budget names as in the directory names: max_capacity_prompts (128), ratios (keep0.25, compress0.4), quantized (512_kivi4)")
     parser.add_argument("--methods", default="", help="row order (comma list); others follow sorted (default: sorted)")
     args = parser.parse_args(argv)
     try:
-        budgets = [int(b) for b in args.budgets.replace(" ", ",").split(",") if b.strip()]
-    except ValueError:
-        print(f"error: bad --budgets {args.budgets!r}; expected a comma list of integers", file=sys.stderr)
+        budgets = parse_budgets(args.budgets)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         results, sources = load_results(args.results_root, args.model_name, budgets)

@@ -17,8 +17,10 @@ import json
 import os
 import sys
 
+from pyramidkv.method_flags import parse_budget_names as parse_budgets
 
-def load_results(results_root: str, model_name: str, budgets: list[int]) -> dict:
+
+def load_results(results_root: str, model_name: str, budgets: list) -> dict:
     """{length: {method: {budget: {task: score, "average": ...}}}} from the per-budget results.json files."""
     results: dict = {}
     for budget in budgets:
@@ -35,7 +37,7 @@ def load_results(results_root: str, model_name: str, budgets: list[int]) -> dict
     return results
 
 
-def load_sweep(results: dict, budgets: list[int]) -> dict:
+def load_sweep(results: dict, budgets: list) -> dict:
     """{length: {method: {budget: average}}}; FullKV's one run fills every budget column."""
     table: dict = {}
     for length, per_method in results.items():
@@ -78,7 +80,7 @@ def markdown_per_task(per_task: dict, method_order: list[str]) -> str:
     return "\n\n".join(blocks)
 
 
-def format_sweep(table: dict, budgets: list[int], method_order: list[str]) -> str:
+def format_sweep(table: dict, budgets: list, method_order: list[str]) -> str:
     lines = []
     for length in sorted(table):
         per_method = table[length]
@@ -101,13 +103,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results_root", required=True, help="save dir holding {model_name}_{budget}/")
     parser.add_argument("--model_name", required=True, help="basename of the model path")
-    parser.add_argument("--budgets", required=True, help="comma list of max_capacity_prompts")
+    parser.add_argument("--budgets", required=True, help="comma list of budget names as in the directory names: max_capacity_prompts (128), ratios (keep0.25, compress0.4), quantized (512_kivi4)")
     parser.add_argument("--methods", default="", help="row order (comma list); others follow sorted")
     args = parser.parse_args(argv)
     try:
-        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-    except ValueError:
-        print(f"error: bad --budgets {args.budgets!r}; expected a comma list of integers", file=sys.stderr)
+        budgets = parse_budgets(args.budgets)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     results = load_results(args.results_root, args.model_name, budgets)
     table = load_sweep(results, budgets)
