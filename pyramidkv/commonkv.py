@@ -17,8 +17,12 @@ With evict_method the layer keeps only the positions the eviction method selects
 attention (keep_slots / store_compressed); with quant_method="kivi" its latents are stored quantized
 (QuantLatentLayer, pyramidkv/commonkv_quant.py).
 
+factorization="whitened" (activation-aware, calibrated on calibration_tokens tokens of calibration_file)
+replaces the weight SVD by one of the weights in whitened input coordinates: pyramidkv/commonkv_factors.py.
+
 Factors are cached in memory and on disk (~/.cache/pyramidkv/commonkv/<fingerprint>.pt, fingerprint =
-sha1 of the K/V weights + settings), so the SVD runs once per model and setting.
+sha1 of the K/V weights + settings, + for "whitened" the factorization, the calibration text's sha1 and
+its token ids' sha1), so the SVD runs once per model and setting.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from . import commonkv_factors as factorization
 from .cache import ACTIVE_CACHE, CompressedLayer
 from .pos_shift import rotate_half
 
@@ -86,6 +91,9 @@ def _fingerprint(model, method, ranks) -> str:
         for proj in (attn.k_proj, attn.v_proj):
             digest.update(proj.weight.detach().float().cpu().numpy().tobytes())
     digest.update(json.dumps({"layer_step": method.layer_step, "ranks": ranks}).encode())
+    extra = factorization.fingerprint_extra(model, method)  # None for "weights": its keys are unchanged
+    if extra is not None:
+        digest.update(json.dumps(extra, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -105,17 +113,15 @@ def compute_factors(model, method) -> dict:
     factors = {"A": [None] * len(attns), "Uk": [None] * len(attns), "Uv": [None] * len(attns), "ranks": ranks}
     kv_dim = attns[0].k_proj.out_features
     with torch.no_grad():
+        grams = None if method.factorization == "weights" else factorization.attention_grams(model, method, attns)
         for group in groups_of(len(attns), method.layer_step):
-            stacked = torch.cat([torch.cat([attns[l].k_proj.weight, attns[l].v_proj.weight]).float().cpu()
-                                 for l in group])
+            weights = [torch.cat([attns[l].k_proj.weight, attns[l].v_proj.weight]) for l in group]
             SVD_CALLS[0] += 1
-            u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-            up = u * s
-            for i, layer in enumerate(group):
-                r = ranks[layer]
-                block = up[2 * kv_dim * i : 2 * kv_dim * (i + 1), :r]
-                factors["A"][layer] = vh[:r].contiguous()
-                factors["Uk"][layer], factors["Uv"][layer] = block[:kv_dim].contiguous(), block[kv_dim:].contiguous()
+            per_layer = factorization.factor_group(weights, [ranks[l] for l in group],
+                                                   None if grams is None else [grams[l] for l in group])
+            for layer, (a, up) in zip(group, per_layer):
+                factors["A"][layer] = a
+                factors["Uk"][layer], factors["Uv"][layer] = up[:kv_dim].contiguous(), up[kv_dim:].contiguous()
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     torch.save(factors, path)
     _MEMORY[key] = factors

@@ -7,7 +7,10 @@ from the latent, for groups of layer_step layers and ranks given as a fraction o
 The prompt is the first --tokens tokens of data/ppl/hamlet.txt; NLL is teacher-forced over the prompt in
 one prefill forward (CommonKV's hooks give the prefill the low-rank K/V too); TPOT is the mean of
 --decode_steps greedy steps. A rank of fraction f stores f x (2 x kv_heads x head_dim) numbers per token
-and layer instead of K and V.
+and layer instead of K and V (--ranks gives the ranks directly). --factorization whitened calibrates the
+factors on --calibration_tokens tokens of --calibration_file (default data/ppl/lear.txt; never the
+prompt's hamlet.txt). factor_s: the time to get CommonKV's factors (the SVDs, for whitened also the
+calibration forward; a disk-cache load when they were computed before), taken before the timed prefill.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def run(model, ids, method, config, decode_steps):
 
     with pyramidkv.compress(model, method, **config), torch.no_grad():
         cache = CompressedCache(method, model.config, **config)
+        start = time.perf_counter()  # CommonKV's factors (SVD, calibration forward) outside the timed prefill
+        cache.method.prepare_model(model.model)
+        factor_s = time.perf_counter() - start
         start = time.perf_counter()
         out = model(ids, past_key_values=cache)
         ttft = time.perf_counter() - start
@@ -43,7 +49,8 @@ def run(model, ids, method, config, decode_steps):
             steps.append(time.perf_counter() - start)
             token = step.logits[0, -1].argmax().view(1, 1)
     nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item()
-    return {"ttft_s": ttft, "tpot_s": sum(steps) / max(1, len(steps)), "nbytes": nbytes, "nll": nll}, logits
+    return {"ttft_s": ttft, "tpot_s": sum(steps) / max(1, len(steps)), "factor_s": factor_s, "nbytes": nbytes,
+            "nll": nll}, logits
 
 
 def main(argv=None) -> int:
@@ -52,6 +59,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--layer_steps", default="2,3,5")
     parser.add_argument("--fractions", default="0.5,0.25", help="rank as a fraction of FullKV's bytes per token")
+    parser.add_argument("--ranks", default=None, help="latent ranks (comma list); given, they replace --fractions")
+    parser.add_argument("--factorization", default="weights", help="CommonKV factorization: weights or whitened")
+    parser.add_argument("--calibration_file", default=None, help="whitened: calibration text (default: lear.txt)")
+    parser.add_argument("--calibration_tokens", type=int, default=512)
     parser.add_argument("--decode_steps", type=int, default=16)
     parser.add_argument("--text", default=os.path.join(ROOT, "data", "ppl", "hamlet.txt"))
     parser.add_argument("--out", default=None, help="JSON output path")
@@ -69,19 +80,27 @@ def main(argv=None) -> int:
     full, full_logits = run(model, ids, "fullkv", {}, args.decode_steps)
     rows = [{"method": "FullKV", **full, "bytes_ratio": 1.0}]
     print(f"FullKV: {full}", flush=True)
+    factorization = {"factorization": args.factorization}
+    if args.factorization != "weights":
+        factorization.update(calibration_file=args.calibration_file, calibration_tokens=args.calibration_tokens)
+    if args.ranks:
+        ranks = [int(r) for r in args.ranks.split(",")]
+    else:
+        ranks = [round(float(f) * 2 * kv_dim) for f in args.fractions.split(",")]
     for step in [int(s) for s in args.layer_steps.split(",")]:
-        for fraction in [float(f) for f in args.fractions.split(",")]:
-            rank = round(fraction * 2 * kv_dim)
+        for rank in ranks:
             start = time.perf_counter()
-            result, logits = run(model, ids, "commonkv", {"layer_step": step, "rank": rank}, args.decode_steps)
+            config = {"layer_step": step, "rank": rank, **factorization}
+            result, logits = run(model, ids, "commonkv", config, args.decode_steps)
             rel = ((logits - full_logits).abs().max() / full_logits.abs().max()).item()
-            row = {"method": "CommonKV", "layer_step": step, "rank": rank, "merge": False, **result,
+            row = {"method": "CommonKV", "layer_step": step, "rank": rank, "merge": False, **factorization, **result,
                    "bytes_ratio": result["nbytes"] / full["nbytes"], "max_rel_logit_diff": rel,
                    "nll_diff": result["nll"] - full["nll"], "wall_s": time.perf_counter() - start}
             rows.append(row)
             print(json.dumps(row), flush=True)
     payload = {"model": args.model, "tokens": int(ids.shape[1]), "kv_dim": kv_dim, "layers": cfg.num_hidden_layers,
-               "decode_steps": args.decode_steps, "torch_threads": torch.get_num_threads(), "rows": rows}
+               "decode_steps": args.decode_steps, "torch_threads": torch.get_num_threads(), **factorization,
+               "rows": rows}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as handle:

@@ -5,6 +5,9 @@ rebuilt from z at attention time. Storage and hooks: pyramidkv/commonkv.py.
 
 layer_step: layers per group (the last group holds the remainder). rank: latent rank per layer
 (None = the group's full rank, exact up to fp error); rank_file: JSON list of one rank per layer.
+factorization: "weights" (default: SVD of the stacked weights) or "whitened" (SVD-LLM-style, minimises
+the K/V error on the attention inputs of calibration_tokens tokens of calibration_file, None = the
+bundled data/ppl/lear.txt; pyramidkv/commonkv_factors.py). The calibration fields are unused with "weights".
 merge=True: cross-layer merge after prefill (pyramidkv/commonkv_merge.py; per batch row, on the row's
 real tokens), no_merge_ratio of the (group, position) pairs stay per layer, first 4 / last 128 positions
 never merged.
@@ -46,6 +49,9 @@ class CommonKV(KVMethod):
     merge: bool = False
     evict_method: str | None = None
     merge_weights: list | None = None  # per layer of a group (the released per-layer weight list); None = uniform
+    factorization: str = "weights"  # "weights" (the paper's weight SVD) or "whitened" (activation-aware)
+    calibration_file: str | None = None  # "whitened": its text; None = the bundled data/ppl/lear.txt
+    calibration_tokens: int = 512  # "whitened": the first tokens of calibration_file run through the model
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +70,9 @@ class CommonKV(KVMethod):
         if self.merge_weights is not None and len(self.merge_weights) != self.layer_step:
             raise ValueError(f"merge_weights={self.merge_weights!r} is invalid: give one weight per layer of a group "
                              f"(layer_step={self.layer_step})")
+        from ..commonkv_factors import check_calibration
+
+        check_calibration(self)
         self._evictor = None if self.evict_method is None else _build_evictor(self)
         if self.quant_method != "none" and self.merge:
             raise ValueError(f"CommonKV merge=True with quant_method={self.quant_method!r} is not supported (merged "
