@@ -51,15 +51,17 @@ def test_left_padded_batch_equals_single_rows():
         assert ((a[0] - b[0]).abs().max() / b.abs().max()).item() < 1e-4
 
 
-def test_low_rank_equals_model_with_factored_weights():
+@pytest.mark.parametrize("factorization", [{}, {"factorization": "whitened", "calibration_tokens": 96}])
+def test_low_rank_equals_model_with_factored_weights(factorization):
     # oracle: the rank-r model is the model whose K/V weights are U_k A and U_v A, run without a cache trick
     import copy
 
     model = tiny_model(layers=3)
     ids = prompt(20)
-    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8):
+    with pyramidkv.compress(model, "commonkv", layer_step=2, rank=8, **factorization):
         out = _generate(model, ids)
-    factors = commonkv.compute_factors(model.model, pyramidkv.methods.build_method("commonkv", layer_step=2, rank=8))
+    factors = commonkv.compute_factors(model.model, pyramidkv.methods.build_method("commonkv", layer_step=2, rank=8,
+                                                                                   **factorization))
     oracle = copy.deepcopy(model)
     with torch.no_grad():
         for i, layer in enumerate(oracle.model.layers):

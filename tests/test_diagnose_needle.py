@@ -27,6 +27,12 @@ def test_bad_config_is_one_line_error():
     try:
         script.parse_config("SnapKV:x8")
     except ValueError as err:
-        assert "use wN, kN or cN" in str(err) and "\n" not in str(err)
+        assert "use wN, kN, cN or fN" in str(err) and "\n" not in str(err)
     else:
         raise AssertionError("no error")
+
+
+def test_floor_part_is_a_fraction():
+    # AdaKV:w8:k7:f20 -> floor_fraction 0.2 (percent in the config text, a fraction for the method)
+    assert load_script("diagnose_needle").parse_config("AdaKV:w8:k7:f20") == (
+        "AdaKV", {"window_size": 8, "kernel_size": 7, "floor_fraction": 0.2})
