@@ -133,8 +133,15 @@ def sizes_own_cache(method: str) -> bool:
 def budget_name(args) -> str:
     """The budget in a results directory name ({save_dir}/{model}_{budget}): tokens ("128", as before),
     "compress0.4" / "keep0.6" for a ratio, "own" for a method that sizes its cache itself (its size
-    parameters are in the stored settings); "128_kivi4" when quantized (see _quant_words), "64_evictSnapKV" for CommonKV + eviction."""
-    return _budget_words(args) + _evict_words(args) + _quant_words(args)
+    parameters are in the stored settings); "128_kivi4" when quantized (see _quant_words),
+    "64_evictSnapKV" for CommonKV + eviction, "128_whitened" for CommonKV's whitened factors."""
+    return _budget_words(args) + _evict_words(args) + _factor_words(args) + _quant_words(args)
+
+
+def _factor_words(args) -> str:
+    """"_whitened" for CommonKV's activation-aware factors, so they never share a directory name with the
+    default weight-SVD runs; "" otherwise (the default keeps the names results already have)."""
+    return "_whitened" if getattr(args, "factorization", None) == "whitened" else ""
 
 
 def parse_budget_names(text: str) -> list:

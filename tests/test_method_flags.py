@@ -113,3 +113,5 @@ def test_commonkv_with_eviction_gets_its_own_results_directory():
     _, quantized = config(["--method", "CommonKV", "--evict_method", "SnapKV", "--max_capacity_prompts", "64",
                            "--quant_method", "kivi", "--nbits", "4"])
     assert quantized == "64_evictSnapKV_kivi4"
+    _, whitened = config(["--method", "CommonKV", "--factorization", "whitened", "--max_capacity_prompts", "64"])
+    assert whitened == "64_whitened"
