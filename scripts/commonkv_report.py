@@ -69,8 +69,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch  # after parsing: --help stays instant
 
+    from pyramidkv import build_method
     from pyramidkv.models import load_pretrained, resolve_model
 
+    factorization = {"factorization": args.factorization}
+    if args.factorization != "weights":
+        factorization.update(calibration_file=args.calibration_file, calibration_tokens=args.calibration_tokens)
+    try:  # the method's own checks (factorization, calibration file and tokens), before the model loads
+        for step in [int(s) for s in args.layer_steps.split(",")]:
+            build_method("commonkv", layer_step=step, **factorization)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     model, tokenizer = load_pretrained(resolve_model(args.model), torch.float32, "sdpa", log=lambda *a: None)
     with open(args.text) as handle:
@@ -80,9 +90,6 @@ def main(argv=None) -> int:
     full, full_logits = run(model, ids, "fullkv", {}, args.decode_steps)
     rows = [{"method": "FullKV", **full, "bytes_ratio": 1.0}]
     print(f"FullKV: {full}", flush=True)
-    factorization = {"factorization": args.factorization}
-    if args.factorization != "weights":
-        factorization.update(calibration_file=args.calibration_file, calibration_tokens=args.calibration_tokens)
     if args.ranks:
         ranks = [int(r) for r in args.ranks.split(",")]
     else:

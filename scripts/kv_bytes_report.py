@@ -40,12 +40,10 @@ def build_parser():
 
 
 def budgets_of(args) -> list[dict]:
-    try:
-        if args.max_capacity_prompts:
-            return [{"max_capacity_prompt": int(b)} for b in args.max_capacity_prompts.split(",")]
-        return [{"keep_ratio": float(r)} for r in (args.keep_ratios or "0.1,0.25,0.5").split(",")]
-    except ValueError as err:
-        raise SystemExit(f"error: bad budget list: {err}") from None
+    """The budgets as method settings; ValueError (from int / float) names a bad entry."""
+    if args.max_capacity_prompts:
+        return [{"max_capacity_prompt": int(b)} for b in args.max_capacity_prompts.split(",")]
+    return [{"keep_ratio": float(r)} for r in (args.keep_ratios or "0.1,0.25,0.5").split(",")]
 
 
 def main(argv=None) -> int:
@@ -53,7 +51,11 @@ def main(argv=None) -> int:
     if args.length < 16:
         print(f"error: --length {args.length} must be at least 16", file=sys.stderr)
         return 2
-    budgets = budgets_of(args)
+    try:
+        budgets = budgets_of(args)
+    except ValueError as err:
+        print(f"error: bad budget list: {err}", file=sys.stderr)
+        return 2
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

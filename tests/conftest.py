@@ -70,6 +70,14 @@ def greedy(model, input_ids, new_tokens=6, **kwargs):
     )
 
 
+def assert_same_generation(ref, out, rel=1e-4):
+    """Two model.generate outputs (output_logits=True): the same tokens, and every step's logits within
+    `rel` of the reference's largest logit."""
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.logits, out.logits):
+        assert ((a - b).abs().max() / a.abs().max()).item() < rel
+
+
 @pytest.fixture(autouse=True)
 def _undo_patches():
     yield

@@ -10,7 +10,7 @@ from pyramidkv import commonkv
 from pyramidkv import commonkv_factors as cf
 from pyramidkv.methods import build_method
 
-from conftest import prompt, tiny_model
+from conftest import assert_same_generation, greedy, prompt, tiny_model
 
 CALIB = {"factorization": "whitened", "calibration_tokens": 96}
 
@@ -19,10 +19,6 @@ CALIB = {"factorization": "whitened", "calibration_tokens": 96}
 def factor_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(commonkv, "CACHE_DIR", tmp_path / "commonkv")
     commonkv._MEMORY.clear()
-
-
-def _generate(model, ids):
-    return model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 def _anisotropic(model, seed=5):
@@ -48,12 +44,10 @@ def _stacked(attn):
 def test_whitened_full_rank_equals_fullkv(family, layer_step, kv_heads):
     model = _anisotropic(tiny_model(family, seed=3 if family == "mistral" else 0, layers=3, kv_heads=kv_heads))
     ids = prompt(24)
-    ref = _generate(model, ids)
+    ref = greedy(model, ids)
     with pyramidkv.compress(model, "commonkv", layer_step=layer_step, **CALIB):
-        out = _generate(model, ids)
-    assert torch.equal(ref.sequences, out.sequences)
-    for a, b in zip(ref.logits, out.logits):
-        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+        out = greedy(model, ids)
+    assert_same_generation(ref, out)
 
 
 def test_grams_are_the_k_proj_inputs():
@@ -194,3 +188,14 @@ def test_report_script_whitened_on_the_embedded_checkpoint(tmp_path, monkeypatch
     ids, _ = cf.calibration_ids(type("Model", (), {"config": config})(), method)
     expected = AutoTokenizer.from_pretrained(TINY_CHECKPOINT)(cf.DEFAULT_CALIBRATION.read_text()).input_ids[:64]
     assert ids[0].tolist() == expected
+
+
+def test_report_script_refuses_bad_factorization_before_loading(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
+    import commonkv_report
+
+    loads = []
+    monkeypatch.setattr("pyramidkv.models.load_pretrained", lambda *a, **k: loads.append(a))
+    assert commonkv_report.main(["--model", "tiny", "--factorization", "svd"]) == 2
+    assert "factorization='svd' is unknown; valid choices: weights, whitened" in capsys.readouterr().err
+    assert loads == []

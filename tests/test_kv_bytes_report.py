@@ -23,3 +23,8 @@ def test_bytes_follow_the_budget_rule_of_each_method(tmp_path):
 def test_bad_length_is_a_one_line_error(capsys):
     assert load_script("kv_bytes_report").main(["--length", "4"]) == 2
     assert "--length 4 must be at least 16" in capsys.readouterr().err
+
+
+def test_bad_budget_is_a_one_line_error(capsys):
+    assert load_script("kv_bytes_report").main(["--keep_ratios", "0.1,x"]) == 2
+    assert "bad budget list" in capsys.readouterr().err
