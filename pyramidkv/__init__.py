@@ -32,6 +32,7 @@ _LAZY = {
     "PrefillInputs": "methods",
     "build_method": "methods",
     "canonical_name": "methods",
+    "config_keys": "methods",
     "compress_cache": "kvcompress",
     "list_methods": "methods",
     "register_method": "methods",

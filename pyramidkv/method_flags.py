@@ -74,26 +74,37 @@ def _boolean(text: str) -> bool:
 def method_fields() -> tuple[MethodField, ...]:
     """Every dataclass field of the method classes (ClassVars excluded), merged by name."""
     merged: dict[str, MethodField] = {}
+    classes = []  # (class node, names of its bases) of every dataclass in the package
     for file in sorted(os.listdir(METHODS_DIR)):
         if not file.endswith(".py"):
             continue
         with open(os.path.join(METHODS_DIR, file), encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef) or not any(
-                    "dataclass" in ast.unparse(decorator) for decorator in node.decorator_list):
-                continue
+        classes += [(node, [ast.unparse(base).split(".")[-1] for base in node.bases]) for node in tree.body
+                    if isinstance(node, ast.ClassDef)
+                    and any("dataclass" in ast.unparse(decorator) for decorator in node.decorator_list)]
+    # only methods: KVMethod and its subclasses; the inputs/results records (PrefillInputs, Eviction, ...)
+    # are dataclasses of tensors, not settings
+    methods, grew = {"KVMethod"}, True
+    while grew:
+        grew = False
+        for node, bases in classes:
+            if node.name not in methods and methods.intersection(bases):
+                methods.add(node.name)
+                grew = True
+    for node, _ in classes:
+        if node.name in methods:
             for item in node.body:
-                if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
-                    continue
-                annotation = ast.unparse(item.annotation)
-                if "ClassVar" in annotation:
-                    continue
-                default = ast.unparse(item.value) if item.value is not None else "required"
-                field = merged.setdefault(item.target.id, MethodField(item.target.id, annotation, []))
-                if annotation != field.annotation:
-                    field.annotation += f" | {annotation}"
-                field.owners.append((node.name, default))
+                    if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+                        continue
+                    annotation = ast.unparse(item.annotation)
+                    if "ClassVar" in annotation:
+                        continue
+                    default = ast.unparse(item.value) if item.value is not None else "required"
+                    field = merged.setdefault(item.target.id, MethodField(item.target.id, annotation, []))
+                    if annotation != field.annotation:
+                        field.annotation += f" | {annotation}"
+                    field.owners.append((node.name, default))
     return tuple(merged[name] for name in sorted(merged) if name not in HAND_WRITTEN)
 
 
@@ -172,9 +183,24 @@ def _evict_words(args) -> str:
     return f"_evict{evict}"
 
 
+def takes_ratio(method: str, flag: str) -> bool:
+    """True when a self-sized method uses the ratio flag as one of its own parameters (l2_compress's
+    keep_ratio, fix_size_l2's protected recent share); the others refuse it (one-line ValueError)."""
+    import pyramidkv
+    if not sizes_own_cache(method):
+        return False
+    try:
+        pyramidkv.build_method(method, **{flag: 0.5})
+    except ValueError:
+        return False
+    return True
+
+
 def _budget_words(args) -> str:
     if sizes_own_cache(args.method):
-        return "own"
+        words = [f"{word}{getattr(args, flag):g}" for flag, word in (("compress_ratio", "compress"), ("keep_ratio", "keep"))
+                 if getattr(args, flag, None) is not None and takes_ratio(args.method, flag)]
+        return "_".join(["own", *words])
     if getattr(args, "heavy_ratio", None) is not None or getattr(args, "recent_ratio", None) is not None:
         words = [f"{word}{getattr(args, flag):g}" for flag, word in (("heavy_ratio", "heavy"), ("recent_ratio", "recent"))
                  if getattr(args, flag, None) is not None]

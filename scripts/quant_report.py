@@ -3,13 +3,17 @@ r"""KIVI quantization report: KV bytes, logit error and decode speed of quantize
     python scripts/quant_report.py                                  # the embedded tiny checkpoint
     python scripts/quant_report.py --model_path smollm2 --context 2048 --out_dir benchmarks/quant
 
-For FullKV and SnapKV at each --budgets value, unquantized and KIVI at each --nbits: one prefill of a
+For FullKV and SnapKV at each --budgets value, unquantized and KIVI at each --nbits, and the per-head
+methods (--perhead, unquantized: their storage does not take KIVI) at each budget: one prefill of a
 --context-token prompt (README.md text, tokenized and repeated), then --new_tokens teacher-forced decode
-steps on the unquantized run's greedy tokens, so every configuration sees the same inputs. Reports
-cache.nbytes() after decoding (what the cache really holds), the logit error vs the same method
-unquantized (max over steps of max |dlogit| / max |logit|, and the share of steps whose argmax agrees),
-and the median decode time per token (TPOT). Writes <out_dir>/quant_<model>_<context>.json and, with
-matplotlib, quant_<model>_<context>_memory_vs_budget.png.
+steps on the unquantized dense run's greedy tokens, so every configuration at a budget sees the same
+inputs. Reports cache.nbytes() after prefill and after decoding (what the cache really holds, its
+preallocated decode room included), the logit difference vs the
+dense unquantized run at the same budget (max over steps of max |dlogit| / max |logit|, and the share of
+steps whose argmax agrees: an error for KIVI, a different selection for the per-head methods), and the
+median decode time per token (TPOT) and its ratio to the dense run's. Writes
+<out_dir>/quant_<model>_<context>.json and, with matplotlib, quant_<model>_<context>_memory_vs_budget.png
+(dense, quantized and per-head bytes on one plot).
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=2048, help="prompt tokens (default 2048)")
     p.add_argument("--budgets", default="128,256,512", help="SnapKV budgets, comma list (default 128,256,512)")
     p.add_argument("--nbits", default="8,4,2", help="comma list of 2, 4, 8 (default 8,4,2)")
+    p.add_argument("--perhead", default="AdaKV,HeadKV",
+                   help="per-head methods at each budget, comma list ('' for none; default AdaKV,HeadKV)")
+    p.add_argument("--scores_file", default=None,
+                   help="HeadKV scores for this model (default: HeadKV's own, SmolLM2's; the tiny checkpoint's: "
+                        "benchmarks/perhead/tiny_headkv_scores.json)")
     p.add_argument("--group_size", type=int, default=32)
     p.add_argument("--residual_length", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=32, help="teacher-forced decode steps (default 32)")
@@ -45,6 +54,13 @@ def parse_args(argv=None):
         args.nbits = [int(b) for b in args.nbits.split(",")]
     except ValueError:
         p.error(f"--budgets {args.budgets!r} / --nbits {args.nbits!r}: give comma lists of integers")
+    from pyramidkv.methods import METHODS
+    from pyramidkv.methods.adakv import PerHeadSnapKV
+    per_head = [name for name, cls in METHODS.items() if issubclass(cls, PerHeadSnapKV)]
+    args.perhead = [m for m in args.perhead.split(",") if m]
+    bad = [m for m in args.perhead if m not in per_head]
+    if bad:
+        p.error(f"--perhead {bad[0]!r}: valid choices are {', '.join(per_head)}")
     return args
 
 
@@ -56,31 +72,32 @@ def prompt_ids(tokenizer, length: int):
     return torch.tensor([(ids * repeats)[:length]])
 
 
-def run_variants(model, method: str, configs: list[dict], input_ids, steps: int):
-    """Per config: (logits [steps, vocab], nbytes after decoding, per-step seconds). One prefill per
+def run_variants(model, configs: list[tuple[str, dict]], input_ids, steps: int):
+    """Per (method, config): (logits [steps, vocab], nbytes after decoding, per-step seconds). One prefill per
     config, then the decode steps interleaved across the configs (step t of every config, then t + 1),
     so that a changing load on a shared CPU hits all of them alike; every config is fed the greedy
     tokens of the first (unquantized) one."""
     import torch
     import pyramidkv
     caches, logits, times = [], [[] for _ in configs], [[] for _ in configs]
-    last = []
+    last, prefill_bytes = [], []
     with torch.inference_mode():
-        for config in configs:
+        for method, config in configs:
             with pyramidkv.compress(model, method, **config):
                 out = model(input_ids, use_cache=True)
             caches.append(out.past_key_values)
+            prefill_bytes.append(out.past_key_values.nbytes())
             last.append(out.logits[0, -1].float())
         for step in range(steps):
             token = torch.tensor([[int(last[0].argmax())]])
-            for i, config in enumerate(configs):
+            for i, (method, config) in enumerate(configs):
                 logits[i].append(last[i])
                 with pyramidkv.compress(model, method, **config):  # the cache carries its own method
                     start = time.perf_counter()
                     out = model(token, past_key_values=caches[i], use_cache=True)
                     times[i].append(time.perf_counter() - start)
                 last[i] = out.logits[0, -1].float()
-    return [(torch.stack(logits[i]), caches[i].nbytes(), times[i]) for i in range(len(configs))]
+    return [(torch.stack(logits[i]), prefill_bytes[i], caches[i].nbytes(), times[i]) for i in range(len(configs))]
 
 
 def main(argv=None) -> int:
@@ -95,16 +112,24 @@ def main(argv=None) -> int:
     quant = {"quant_method": "kivi", "group_size": args.group_size, "residual_length": args.residual_length}
     rows, started = [], time.time()
     configs = [("FullKV", None)] + [("SnapKV", budget) for budget in args.budgets]
+    head_scores = {"scores_file": args.scores_file} if args.scores_file else {}
     for method, budget in configs:
         base = {} if budget is None else {"max_capacity_prompt": budget}
-        variants = [(None, base)] + [(nbits, {**base, **quant, "nbits": nbits}) for nbits in args.nbits]
-        results = run_variants(model, method, [config for _, config in variants], input_ids, args.new_tokens)
-        reference, dense_bytes, dense_times = results[0]
-        for (nbits, _), (logits, nbytes, times) in zip(variants, results):
+        variants = [(method, None, base)] + [(method, nbits, {**base, **quant, "nbits": nbits}) for nbits in args.nbits]
+        if budget is not None:
+            variants += [(name, None, {**base, **(head_scores if name == "HeadKV" else {})}) for name in args.perhead]
+        try:
+            results = run_variants(model, [(name, config) for name, _, config in variants], input_ids, args.new_tokens)
+        except ValueError as err:  # e.g. a HeadKV scores file of another model
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        reference, _, dense_bytes, dense_times = results[0]
+        for (method, nbits, _), (logits, prefill_bytes, nbytes, times) in zip(variants, results):
             error = float(((logits - reference).abs().amax(-1) / reference.abs().amax(-1)).max())
             agree = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
             tpot = statistics.median(times[1:] or times)
             rows.append({"method": method, "budget": budget, "nbits": nbits or 32, "kv_bytes": nbytes,
+                         "kv_bytes_after_prefill": prefill_bytes,
                          "bytes_vs_dense": nbytes / dense_bytes, "max_rel_logit_error": error,
                          "argmax_agreement": agree, "tpot_ms": 1e3 * tpot,
                          "tpot_vs_dense": tpot / statistics.median(dense_times[1:] or dense_times)})
@@ -139,14 +164,19 @@ def plot(rows, args, path: str, name: str) -> None:
     for nbits in [32, *args.nbits]:
         snap = [r for r in rows if r["method"] == "SnapKV" and r["nbits"] == nbits]
         label = "dense fp32" if nbits == 32 else f"kivi {nbits}-bit"
-        line = ax.plot([r["budget"] for r in snap], [r["kv_bytes"] / 2 ** 20 for r in snap], "o-", label=f"SnapKV {label}")
+        line = ax.plot([r["budget"] for r in snap], [r["kv_bytes_after_prefill"] / 2 ** 20 for r in snap], "o-",
+                       label=f"SnapKV {label}")
         full = [r for r in rows if r["method"] == "FullKV" and r["nbits"] == nbits]
-        ax.axhline(full[0]["kv_bytes"] / 2 ** 20, ls=":", color=line[0].get_color(), label=f"FullKV {label}")
+        ax.axhline(full[0]["kv_bytes_after_prefill"] / 2 ** 20, ls=":", color=line[0].get_color(), label=f"FullKV {label}")
+    for name, marker in zip(args.perhead, "x+*"):  # per-head storage: same layer totals, so on the fp32 line
+        heads = [r for r in rows if r["method"] == name]
+        ax.plot([r["budget"] for r in heads], [r["kv_bytes_after_prefill"] / 2 ** 20 for r in heads], marker, ms=9, ls="none",
+                label=f"{name} per-head fp32")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("SnapKV budget (tokens per layer and KV head)")
-    ax.set_ylabel("KV cache bytes held (MiB)")
-    ax.set_title(f"{name}: {args.context}-token prompt + {args.new_tokens} decoded")
+    ax.set_ylabel("KV cache bytes held after prefill (MiB)")
+    ax.set_title(f"{name}: {args.context}-token prompt")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -38,6 +38,14 @@ def test_every_field_of_every_registered_method_has_a_flag():
             "--method_seed", "--compress_ratio", "--keep_ratio", "--heavy_hitter_size", "--fix_kv_size"} <= options
 
 
+def test_only_method_settings_become_flags():
+    """The methods' input/result records (PrefillInputs, Eviction, ...) are dataclasses of tensors, not
+    settings: none of their fields may appear as a runner flag."""
+    fields = {field.name for field in method_flags.method_fields()}
+    settings = {f.name for cls in pyramidkv.METHODS.values() for f in dataclasses.fields(cls)}
+    assert fields <= settings | {"seed"} and {"query", "padding_mask", "evicted_keys", "layer_idx"}.isdisjoint(fields)
+
+
 def test_method_parameters_reach_the_method():
     assert config(["--method", "PyramidKV", "--beta", "10"])[0]["beta"] == 10
     assert config(["--method", "StreamingLLM", "--sink_size", "2"])[0]["sink_size"] == 2
@@ -102,6 +110,33 @@ def test_sweep_over_kept_fractions():
     with pytest.raises(predict.CLIError, match="give one budget only"):
         predict.expand_sweep(parse(["--method", "SnapKV", "--keep_ratio", "0.1", "--compress_ratio", "0.5"],
                                    sweep=True))
+
+
+def test_a_self_sized_method_neither_takes_nor_drops_a_swept_ratio():
+    """h2o_l2 first must not strip the ratio of the methods after it (it once ran them at the default
+    128 tokens); l2_compress's own keep_ratio is swept, one directory per value."""
+    args = parse(["--method", "h2o_l2,SnapKV,l2_compress", "--keep_ratio", "0.1,0.5"], sweep=True)
+    runs = predict.expand_sweep(args)
+    assert [(run.method, predict.budget_name(run), run.keep_ratio) for run in runs] == [
+        ("h2o_l2", "own", None), ("SnapKV", "keep0.1", 0.1), ("l2_compress", "own_keep0.1", 0.1),
+        ("SnapKV", "keep0.5", 0.5), ("l2_compress", "own_keep0.5", 0.5)]
+    assert [predict.method_config(run).get("keep_ratio") for run in runs] == [None, 0.1, 0.1, 0.5, 0.5]
+
+
+def test_a_sweep_gives_each_method_only_its_own_parameters():
+    args = parse(["--method", "fix_size_l2,h2o_l2,SnapKV", "--fix_kv_size", "400", "--heavy_hitter_size", "48"],
+                 sweep=True)
+    runs = predict.expand_sweep(args)
+    for run in runs:
+        predict.validate_method_args(run)
+    configs = {run.method: predict.method_config(run) for run in runs}
+    assert configs["fix_size_l2"] == {"fix_kv_size": 400} and configs["h2o_l2"] == {"heavy_hitter_size": 48}
+    assert configs["SnapKV"]["max_capacity_prompt"] == 128 and "fix_kv_size" not in configs["SnapKV"]
+    with pytest.raises(predict.CLIError, match="--fix_kv_size is a parameter of none of SnapKV, H2O"):
+        predict.expand_sweep(parse(["--method", "SnapKV,H2O", "--fix_kv_size", "3"], sweep=True))
+    one = predict.expand_sweep(parse(["--method", "SnapKV", "--fix_kv_size", "3"], sweep=True))
+    with pytest.raises(predict.CLIError, match="unknown config"):  # one method alone: its own strict check
+        predict.validate_method_args(one[0])
 
 
 def test_commonkv_with_eviction_gets_its_own_results_directory():

@@ -219,14 +219,34 @@ def test_quant_report_writes_bytes_errors_and_tpot(tmp_path):
     spec = importlib.util.spec_from_file_location("quant_report", path)
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
+    scores = os.path.join(os.path.dirname(path), "..", "benchmarks", "perhead", "tiny_headkv_scores.json")
     assert report.main(["--context", "160", "--budgets", "64", "--nbits", "8,2", "--new_tokens", "3",
-                        "--out_dir", str(tmp_path)]) == 0
+                        "--scores_file", scores, "--out_dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "quant_tiny_160.json").read_text())["rows"]
     assert [(r["method"], r["nbits"]) for r in rows] == [("FullKV", 32), ("FullKV", 8), ("FullKV", 2),
-                                                         ("SnapKV", 32), ("SnapKV", 8), ("SnapKV", 2)]
-    for dense, eight, two in (rows[:3], rows[3:]):
+                                                         ("SnapKV", 32), ("SnapKV", 8), ("SnapKV", 2),
+                                                         ("AdaKV", 32), ("HeadKV", 32)]
+    for dense, eight, two in (rows[:3], rows[3:6]):
         assert dense["max_rel_logit_error"] == 0 and two["kv_bytes"] < eight["kv_bytes"] < dense["kv_bytes"]
         assert 0 < eight["max_rel_logit_error"] < two["max_rel_logit_error"]
+    for per_head in rows[6:]:  # after prefill: SnapKV's total, plus the per-head index (< 1%)
+        assert rows[3]["kv_bytes_after_prefill"] < per_head["kv_bytes_after_prefill"]
+        assert per_head["kv_bytes_after_prefill"] < 1.01 * rows[3]["kv_bytes_after_prefill"]
+    assert (tmp_path / "quant_tiny_160_memory_vs_budget.png").exists()
+
+
+def test_quant_report_rejects_an_unknown_perhead_method(capsys):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "quant_report.py")
+    spec = importlib.util.spec_from_file_location("quant_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    with pytest.raises(SystemExit) as exit_info:
+        report.parse_args(["--perhead", "SnapKV"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'SnapKV'" in err and "AdaKV" in err
 
 
 def test_every_method_composes_with_8bit_quantization():

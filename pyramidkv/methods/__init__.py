@@ -89,6 +89,16 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
+def config_keys(method: str) -> list[str]:
+    """The settings `build_method(method, ...)` accepts (any case, aliases included)."""
+    name = canonical_name(method)
+    if name in PARAMETER_ALIASES:
+        target, _, own = PARAMETER_ALIASES[name]
+        return [*own, *(f.name for f in dataclasses.fields(METHODS[target])
+                        if f.name not in (*BUDGET_FIELDS, "window_size", "sink_size", "skip_layers"))]
+    return [f.name for f in dataclasses.fields(METHODS[name])]
+
+
 def build_method(method: str | KVMethod, **config) -> KVMethod:
     """A configured method from its name (any case) or an already built method (returned as is)."""
     if isinstance(method, KVMethod):
@@ -98,21 +108,19 @@ def build_method(method: str | KVMethod, **config) -> KVMethod:
             return dataclasses.replace(method, **config)
         return method
     name = canonical_name(method)
+    valid = config_keys(name)
+    unknown = sorted(set(config) - set(valid))
     if name in PARAMETER_ALIASES:
-        target, mapping, own = PARAMETER_ALIASES[name]
-        common = [f.name for f in dataclasses.fields(METHODS[target])
-                  if f.name not in (*BUDGET_FIELDS, "window_size", "sink_size", "skip_layers")]
-        unknown = sorted(set(config) - set(own) - set(common))
+        target, mapping, _ = PARAMETER_ALIASES[name]
         if unknown:
-            raise ValueError(f"unknown config {unknown} for method {name}; valid keys: {', '.join([*own, *common])}")
+            raise ValueError(f"unknown config {unknown} for method {name}; valid keys: {', '.join(valid)}")
         return METHODS[target](**mapping(**config))
     cls = METHODS[name]
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(config) - set(valid))
     if unknown:
         raise ValueError(f"unknown config {unknown} for method {cls.name}; valid keys: {', '.join(valid)}")
     return cls(**config)
 
 
-__all__ = ["ALIASES", "KVMethod", "PrefillInputs", "METHODS", "build_method", "canonical_name", "decode_methods", "list_methods",
+__all__ = ["ALIASES", "KVMethod", "PrefillInputs", "METHODS", "build_method", "canonical_name", "config_keys", "decode_methods",
+           "list_methods",
            "register_method"] + list(METHODS)
