@@ -168,10 +168,10 @@ def plot(rows, args, path: str, name: str) -> None:
                        label=f"SnapKV {label}")
         full = [r for r in rows if r["method"] == "FullKV" and r["nbits"] == nbits]
         ax.axhline(full[0]["kv_bytes_after_prefill"] / 2 ** 20, ls=":", color=line[0].get_color(), label=f"FullKV {label}")
-    for name, marker in zip(args.perhead, "x+*"):  # per-head storage: same layer totals, so on the fp32 line
-        heads = [r for r in rows if r["method"] == name]
+    for method, marker in zip(args.perhead, "x+*"):  # per-head storage: SnapKV's total, so on the fp32 line
+        heads = [r for r in rows if r["method"] == method]
         ax.plot([r["budget"] for r in heads], [r["kv_bytes_after_prefill"] / 2 ** 20 for r in heads], marker, ms=9, ls="none",
-                label=f"{name} per-head fp32")
+                label=f"{method} per-head fp32")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("SnapKV budget (tokens per layer and KV head)")
