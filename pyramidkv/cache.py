@@ -292,7 +292,9 @@ class CompressedCache(Cache):
         physical = max(layer.physical_length for layer in self.layers)
         return physical + query_length, self.layers[layer_idx].get_seq_length() - physical
 
-    def compress_layer(self, layer_idx: int, query, keys, values, scaling: float) -> None:
+    def compress_layer(self, layer_idx: int, query, keys, values, scaling: float, score_memo: dict | None = None) -> None:
+        """score_memo: scores of these very inputs computed by an earlier method (H2O's column sums, per
+        chunk size), shared by a sweep that compresses one recorded prefill many times."""
         layer = self.layers[layer_idx]
         seq_len = keys.shape[-2]
         padding = None
@@ -301,6 +303,8 @@ class CompressedCache(Cache):
         elif self.padding_mask is not None and not bool(self.padding_mask[:, -seq_len:].all()):
             padding = self.padding_mask[:, -seq_len:].to(keys.device).bool()  # layers may sit on other devices (device_map)
         inputs = PrefillInputs(query, keys, values, padding, layer_idx, len(self.layers), scaling)
+        if score_memo is not None:
+            inputs._column_sums = score_memo  # H2O.score reads and fills it
         lengths = inputs.real_lengths()
         if self._row_budgets is None or layer_idx == 0:
             schedule_lengths = self.prefill_real_lengths or lengths  # chunked: each row's full real length

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import pyramidkv
 from pyramidkv import predict
 from pyramidkv.shared_prefill import generate_many
 from tiny_checkpoint import one_torch_thread
@@ -57,3 +58,23 @@ def test_stop_tokens_and_min_new_tokens_follow_generate(model_and_tokenizer):
         for (method, config), tokens in zip(CONFIGS[:2], shared):
             expected = predict.generate(model, tokenizer, [prompt], 10, method, config, stop_strings=stop)
             assert tokenizer.batch_decode(tokens, skip_special_tokens=True) == expected
+
+
+def test_a_sweep_scores_each_layer_once_for_all_h2o_scored_configurations(model_and_tokenizer, monkeypatch):
+    """H2O at two budgets and SimCalKV all score with the all-query column sums: one O(S^2) pass per
+    recorded layer, not one per configuration (it once cost a 4k SmolLM2 sweep a prefill per H2O cell)."""
+    from pyramidkv.methods.h2o import H2O
+    model, tokenizer = model_and_tokenizer
+    enc = tokenizer(["a b c d e f g h " * 30], return_tensors="pt")
+    calls = []
+    original = H2O._column_sums
+    monkeypatch.setattr(H2O, "_column_sums", lambda self, x: calls.append(x.layer_idx) or original(self, x))
+    configs = [("H2O", {"max_capacity_prompt": 32, "window_size": 4}), ("H2O", {"max_capacity_prompt": 64, "window_size": 4}),
+               ("SimCalKV", {"max_capacity_prompt": 48, "window_size": 4})]
+    shared = generate_many(model, enc.input_ids, enc.attention_mask, 4, configs, {"pad_token_id": tokenizer.pad_token_id})
+    assert sorted(calls) == list(range(model.config.num_hidden_layers))
+    for (name, config), tokens in zip(configs, shared):  # and the predictions are still one generate's each
+        monkeypatch.setattr(H2O, "_column_sums", original)
+        with torch.no_grad(), pyramidkv.compress(model, name, **config):
+            alone = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(alone[:, enc.input_ids.shape[1]:], tokens), name
