@@ -27,6 +27,20 @@ ALIASES = {"heavy_ratio": ("start_ratio",)}
 RATIO_BUDGETS = ("compress_ratio", "keep_ratio", "heavy_ratio", "recent_ratio")
 
 
+class CLIError(ValueError):
+    """A user-facing problem reported as one line (bad flag value, missing file, ...)."""
+
+
+def check_method(name: str) -> str:
+    """The canonical name of a method (any case, the library's aliases too); one-line CLIError on an
+    unknown name. Runners use it for file names and run_meta keys, so `snapkv` resumes `SnapKV.json`."""
+    import pyramidkv
+    try:
+        return pyramidkv.canonical_name(name)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
 class DefaultBudget(int):
     """--max_capacity_prompts' default (128): an int that says it was not given, so a ratio budget
     (--compress_ratio / --keep_ratio) and methods that size their own cache can leave it out."""
