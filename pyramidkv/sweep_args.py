@@ -38,11 +38,11 @@ def expand_sweep(args) -> list[argparse.Namespace]:
             budgets.append(({"max_capacity_prompts": budget}, budget))
     if not methods or not budgets:
         raise CLIError("--method and --max_capacity_prompts need at least one value each")
-    own_flags = _per_method_flags(args, [check_method(m) for m in methods], ratio_flags)
+    names = [check_method(m) for m in methods]
+    own_flags = _per_method_flags(args, names, ratio_flags)
     expanded, seen = [], set()
     for changes, budget in budgets:
-        for method in methods:
-            name = check_method(method)
+        for name in names:
             # a self-sized method runs once, unless the swept ratio is one of its own parameters
             # (l2_compress's keep_ratio, fix_size_l2's protected recent share): then once per value
             own_ratio = bool(ratio_flags) and method_flags.takes_ratio(name, ratio_flags[0])

@@ -73,8 +73,8 @@ def prompt_ids(tokenizer, length: int):
 
 
 def run_variants(model, configs: list[tuple[str, dict]], input_ids, steps: int):
-    """Per (method, config): (logits [steps, vocab], nbytes after decoding, per-step seconds). One prefill per
-    config, then the decode steps interleaved across the configs (step t of every config, then t + 1),
+    """Per (method, config): (logits [steps, vocab], nbytes after prefill, nbytes after decoding, per-step
+    seconds). One prefill per config, then the decode steps interleaved across the configs (step t of every config, then t + 1),
     so that a changing load on a shared CPU hits all of them alike; every config is fed the greedy
     tokens of the first (unquantized) one."""
     import torch
@@ -113,6 +113,15 @@ def main(argv=None) -> int:
     rows, started = [], time.time()
     configs = [("FullKV", None)] + [("SnapKV", budget) for budget in args.budgets]
     head_scores = {"scores_file": args.scores_file} if args.scores_file else {}
+    if "HeadKV" in args.perhead:  # a scores file of another model: say so now, not after the FullKV rows
+        from pyramidkv.methods.headkv import DEFAULT_SCORES, load_head_scores
+        config = model.config
+        try:
+            load_head_scores(args.scores_file or DEFAULT_SCORES, config.num_hidden_layers, config.num_attention_heads,
+                             config.num_key_value_heads, config.num_key_value_heads)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     for method, budget in configs:
         base = {} if budget is None else {"max_capacity_prompt": budget}
         variants = [(method, None, base)] + [(method, nbits, {**base, **quant, "nbits": nbits}) for nbits in args.nbits]

@@ -9,7 +9,7 @@ import pyramidkv
 from pyramidkv.method_flags import budget_name
 from pyramidkv.commonkv_quant import QuantLatentLayer
 from pyramidkv.quant import QuantizedLayer, pack, unpack, unpack_as
-from conftest import greedy, prompt, tiny_model
+from conftest import greedy, load_script, prompt, tiny_model
 
 # the tiny models have head_dim 16: groups of 8 channels / tokens
 QUANT = {"quant_method": "kivi", "group_size": 8, "residual_length": 16}
@@ -212,14 +212,11 @@ def test_eval_scripts_pass_the_quantization_through(tmp_path):
 
 
 def test_quant_report_writes_bytes_errors_and_tpot(tmp_path):
-    import importlib.util
     import json
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "quant_report.py")
-    spec = importlib.util.spec_from_file_location("quant_report", path)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    scores = os.path.join(os.path.dirname(path), "..", "benchmarks", "perhead", "tiny_headkv_scores.json")
+    report = load_script("quant_report")
+    scores = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "perhead",
+                          "tiny_headkv_scores.json")
     assert report.main(["--context", "160", "--budgets", "64", "--nbits", "8,2", "--new_tokens", "3",
                         "--scores_file", scores, "--out_dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "quant_tiny_160.json").read_text())["rows"]
@@ -236,17 +233,20 @@ def test_quant_report_writes_bytes_errors_and_tpot(tmp_path):
 
 
 def test_quant_report_rejects_an_unknown_perhead_method(capsys):
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "quant_report.py")
-    spec = importlib.util.spec_from_file_location("quant_report", path)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_script("quant_report")
     with pytest.raises(SystemExit) as exit_info:
         report.parse_args(["--perhead", "SnapKV"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "'SnapKV'" in err and "AdaKV" in err
+
+
+def test_quant_report_refuses_headkv_scores_of_another_model_before_measuring(capsys, monkeypatch):
+    report = load_script("quant_report")
+    runs = []
+    monkeypatch.setattr(report, "run_variants", lambda *a, **k: runs.append(a))
+    assert report.main(["--context", "160", "--budgets", "64", "--nbits", "8", "--new_tokens", "2"]) == 2
+    assert "scores_file=" in capsys.readouterr().err and runs == []  # SmolLM2's default file on the tiny model
 
 
 def test_every_method_composes_with_8bit_quantization():
