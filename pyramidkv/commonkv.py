@@ -123,7 +123,10 @@ def compute_factors(model, method) -> dict:
                 factors["A"][layer] = a
                 factors["Uk"][layer], factors["Uv"][layer] = up[:kv_dim].contiguous(), up[kv_dim:].contiguous()
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    torch.save(factors, path)
+    # write then rename: runs started together (sweep lanes) never load a half-written file
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(factors, partial)
+    os.replace(partial, path)
     _MEMORY[key] = factors
     return factors
 

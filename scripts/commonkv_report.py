@@ -9,20 +9,45 @@ one prefill forward (CommonKV's hooks give the prefill the low-rank K/V too); TP
 --decode_steps greedy steps. A rank of fraction f stores f x (2 x kv_heads x head_dim) numbers per token
 and layer instead of K and V (--ranks gives the ranks directly). --factorization whitened calibrates the
 factors on --calibration_tokens tokens of --calibration_file (default data/ppl/lear.txt; never the
-prompt's hamlet.txt). factor_s: the time to get CommonKV's factors (the SVDs, for whitened also the
+prompt's hamlet.txt). --variants adds, per (layer_step, rank), the combinations the bytes table needs: `merge`
+(cross-layer merge), `snapkvN` (SnapKV eviction to N tokens per layer), `kiviN` (latents stored KIVI N-bit),
+joined with `+` (`snapkv512+kivi4`); `none` is CommonKV alone. Merge and eviction act after each layer's
+prefill attention, so they change bytes and TPOT but not the teacher-forced NLL. factor_s: the time to get CommonKV's factors (the SVDs, for whitened also the
 calibration forward; a disk-cache load when they were computed before), taken before the timed prefill.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import re
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+VARIANT_FORMS = "none, merge, snapkvN, kiviN, joined with '+' (e.g. snapkv512+kivi4)"
+
+
+def parse_variant(name: str) -> dict:
+    """'snapkv512+kivi4' -> the CommonKV settings it names; a bad part is a one-line ValueError."""
+    config = {}
+    for part in name.split("+"):
+        match = re.fullmatch(r"(none|merge|snapkv|kivi)(\d*)", part)
+        if not match or (match.group(1) in ("none", "merge")) == bool(match.group(2)):
+            raise ValueError(f"variant part {part!r} is unknown; valid forms: {VARIANT_FORMS}")
+        kind, number = match.group(1), match.group(2)
+        if kind == "merge":
+            config["merge"] = True
+        elif kind == "snapkv":
+            config.update(evict_method="SnapKV", max_capacity_prompt=int(number))
+        elif kind == "kivi":
+            config.update(quant_method="kivi", nbits=int(number))
+    return config
 
 
 def run(model, ids, method, config, decode_steps):
@@ -63,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--factorization", default="weights", help="CommonKV factorization: weights or whitened")
     parser.add_argument("--calibration_file", default=None, help="whitened: calibration text (default: lear.txt)")
     parser.add_argument("--calibration_tokens", type=int, default=512)
+    parser.add_argument("--variants", default="none", help=f"comma list of CommonKV combinations: {VARIANT_FORMS}")
     parser.add_argument("--decode_steps", type=int, default=16)
     parser.add_argument("--text", default=os.path.join(ROOT, "data", "ppl", "hamlet.txt"))
     parser.add_argument("--out", default=None, help="JSON output path")
@@ -76,8 +102,10 @@ def main(argv=None) -> int:
     if args.factorization != "weights":
         factorization.update(calibration_file=args.calibration_file, calibration_tokens=args.calibration_tokens)
     try:  # the method's own checks (factorization, calibration file and tokens), before the model loads
+        variants = {name: parse_variant(name) for name in args.variants.split(",")}
         for step in [int(s) for s in args.layer_steps.split(",")]:
-            build_method("commonkv", layer_step=step, **factorization)
+            for variant in variants.values():
+                build_method("commonkv", layer_step=step, **factorization, **variant)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -95,12 +123,13 @@ def main(argv=None) -> int:
     else:
         ranks = [round(float(f) * 2 * kv_dim) for f in args.fractions.split(",")]
     for step in [int(s) for s in args.layer_steps.split(",")]:
-        for rank in ranks:
+        for rank, (name, variant) in itertools.product(ranks, variants.items()):
             start = time.perf_counter()
-            config = {"layer_step": step, "rank": rank, **factorization}
+            config = {"layer_step": step, "rank": rank, **factorization, **variant}
             result, logits = run(model, ids, "commonkv", config, args.decode_steps)
             rel = ((logits - full_logits).abs().max() / full_logits.abs().max()).item()
-            row = {"method": "CommonKV", "layer_step": step, "rank": rank, "merge": False, **factorization, **result,
+            row = {"method": "CommonKV", "variant": name, "layer_step": step, "rank": rank, "merge": False,
+                   **factorization, **variant, **result,
                    "bytes_ratio": result["nbytes"] / full["nbytes"], "max_rel_logit_diff": rel,
                    "nll_diff": result["nll"] - full["nll"], "wall_s": time.perf_counter() - start}
             rows.append(row)

@@ -199,3 +199,36 @@ def test_report_script_refuses_bad_factorization_before_loading(monkeypatch, cap
     assert commonkv_report.main(["--model", "tiny", "--factorization", "svd"]) == 2
     assert "factorization='svd' is unknown; valid choices: weights, whitened" in capsys.readouterr().err
     assert loads == []
+
+
+def test_report_script_variants_bytes_and_unchanged_prefill_nll(tmp_path, monkeypatch):
+    # merge and eviction act after each layer's prefill attention: bytes shrink, the teacher-forced NLL stays
+    import json
+
+    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
+    import commonkv_report
+
+    out = tmp_path / "variants.json"
+    assert commonkv_report.main(["--model", "tiny", "--tokens", "300", "--layer_steps", "2", "--ranks", "64",
+                                 "--decode_steps", "1", "--variants", "none,merge,snapkv128,snapkv128+kivi4",
+                                 "--out", str(out)]) == 0
+    full, *rows = json.loads(out.read_text())["rows"]
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["none"]["nbytes"] == 300 * 64 * 4 * 2  # tokens x rank x fp32 x 2 layers
+    assert by_name["snapkv128"]["nbytes"] == 128 * 64 * 4 * 2
+    assert by_name["merge"]["merge"] is True and by_name["merge"]["nbytes"] < by_name["none"]["nbytes"]
+    assert by_name["snapkv128+kivi4"]["nbytes"] < by_name["snapkv128"]["nbytes"]
+    assert len({r["nll"] for r in rows}) == 1 and full["nll"] != rows[0]["nll"]
+
+
+def test_report_script_bad_variant_one_line_before_loading(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
+    import commonkv_report
+
+    loads = []
+    monkeypatch.setattr("pyramidkv.models.load_pretrained", lambda *a, **k: loads.append(a))
+    assert commonkv_report.main(["--model", "tiny", "--variants", "none,snap128"]) == 2
+    assert "variant part 'snap128' is unknown; valid forms: none, merge, snapkvN" in capsys.readouterr().err
+    assert commonkv_report.main(["--model", "tiny", "--variants", "merge+kivi4"]) == 2
+    assert "merge=True with quant_method='kivi' is not supported" in capsys.readouterr().err
+    assert loads == []
