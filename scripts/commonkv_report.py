@@ -50,6 +50,14 @@ def parse_variant(name: str) -> dict:
     return config
 
 
+def control_config(name: str) -> tuple[str, dict]:
+    """A variant run without CommonKV: 'snapkv128+kivi4' -> ("SnapKV", {max_capacity_prompt, quant_method, nbits})."""
+    config = parse_variant(name)
+    if config.pop("merge", False):
+        raise ValueError(f"control {name!r}: merge exists only in CommonKV; valid forms: none, snapkvN, kiviN")
+    return config.pop("evict_method", "FullKV"), config
+
+
 def run(model, ids, method, config, decode_steps):
     import torch
 
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration_file", default=None, help="whitened: calibration text (default: lear.txt)")
     parser.add_argument("--calibration_tokens", type=int, default=512)
     parser.add_argument("--variants", default="none", help=f"comma list of CommonKV combinations: {VARIANT_FORMS}")
+    parser.add_argument("--controls", default="", help="the same forms without CommonKV (e.g. snapkv128+kivi4: "
+                        "SnapKV with KIVI on the plain cache), rows next to the CommonKV ones; merge is CommonKV-only")
     parser.add_argument("--decode_steps", type=int, default=16)
     parser.add_argument("--text", default=os.path.join(ROOT, "data", "ppl", "hamlet.txt"))
     parser.add_argument("--out", default=None, help="JSON output path")
@@ -103,6 +113,9 @@ def main(argv=None) -> int:
         factorization.update(calibration_file=args.calibration_file, calibration_tokens=args.calibration_tokens)
     try:  # the method's own checks (factorization, calibration file and tokens), before the model loads
         variants = {name: parse_variant(name) for name in args.variants.split(",")}
+        controls = {name: control_config(name) for name in args.controls.split(",") if name}
+        for method, config in controls.values():
+            build_method(method, **config)
         for step in [int(s) for s in args.layer_steps.split(",")]:
             for variant in variants.values():
                 build_method("commonkv", layer_step=step, **factorization, **variant)
@@ -134,6 +147,12 @@ def main(argv=None) -> int:
                    "nll_diff": result["nll"] - full["nll"], "wall_s": time.perf_counter() - start}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    for name, (method, config) in controls.items():
+        result, logits = run(model, ids, method, config, args.decode_steps)
+        row = {"method": method, "variant": name, "control": True, **config, **result,
+               "bytes_ratio": result["nbytes"] / full["nbytes"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     payload = {"model": args.model, "tokens": int(ids.shape[1]), "kv_dim": kv_dim, "layers": cfg.num_hidden_layers,
                "decode_steps": args.decode_steps, "torch_threads": torch.get_num_threads(), **factorization,
                "rows": rows}

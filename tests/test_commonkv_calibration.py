@@ -211,8 +211,9 @@ def test_report_script_variants_bytes_and_unchanged_prefill_nll(tmp_path, monkey
     out = tmp_path / "variants.json"
     assert commonkv_report.main(["--model", "tiny", "--tokens", "300", "--layer_steps", "2", "--ranks", "64",
                                  "--decode_steps", "1", "--variants", "none,merge,snapkv128,snapkv128+kivi4",
-                                 "--out", str(out)]) == 0
-    full, *rows = json.loads(out.read_text())["rows"]
+                                 "--controls", "snapkv128", "--out", str(out)]) == 0
+    full, *rows, control = json.loads(out.read_text())["rows"]
+    assert control["method"] == "SnapKV" and control["nbytes"] == 128 * 2 * 32 * 2 * 4 * 2  # KV heads, head_dim, K+V, fp32, layers
     by_name = {r["variant"]: r for r in rows}
     assert by_name["none"]["nbytes"] == 300 * 64 * 4 * 2  # tokens x rank x fp32 x 2 layers
     assert by_name["snapkv128"]["nbytes"] == 128 * 64 * 4 * 2
@@ -231,4 +232,6 @@ def test_report_script_bad_variant_one_line_before_loading(monkeypatch, capsys):
     assert "variant part 'snap128' is unknown; valid forms: none, merge, snapkvN" in capsys.readouterr().err
     assert commonkv_report.main(["--model", "tiny", "--variants", "merge+kivi4"]) == 2
     assert "merge=True with quant_method='kivi' is not supported" in capsys.readouterr().err
+    assert commonkv_report.main(["--model", "tiny", "--controls", "snapkv128,merge"]) == 2
+    assert "control 'merge': merge exists only in CommonKV" in capsys.readouterr().err
     assert loads == []
