@@ -9,11 +9,13 @@ one prefill forward (CommonKV's hooks give the prefill the low-rank K/V too); TP
 --decode_steps greedy steps. A rank of fraction f stores f x (2 x kv_heads x head_dim) numbers per token
 and layer instead of K and V (--ranks gives the ranks directly). --factorization whitened calibrates the
 factors on --calibration_tokens tokens of --calibration_file (default data/ppl/lear.txt; never the
-prompt's hamlet.txt). --variants adds, per (layer_step, rank), the combinations the bytes table needs: `merge`
-(cross-layer merge), `snapkvN` (SnapKV eviction to N tokens per layer), `kiviN` (latents stored KIVI N-bit),
-joined with `+` (`snapkv512+kivi4`); `none` is CommonKV alone. Merge and eviction act after each layer's
-prefill attention, so they change bytes and TPOT but not the teacher-forced NLL. factor_s: the time to get CommonKV's factors (the SVDs, for whitened also the
-calibration forward; a disk-cache load when they were computed before), taken before the timed prefill.
+prompt's hamlet.txt). --variants adds, per (layer_step, rank), the combinations the bytes table needs:
+`merge` (cross-layer merge), `snapkvN` (SnapKV eviction to N tokens per layer), `kiviN` (latents stored
+KIVI N-bit), joined with `+` (`snapkv512+kivi4`); `none` is CommonKV alone. Merge and eviction act after
+each layer's prefill attention, so they change bytes and TPOT but not the teacher-forced NLL.
+--controls runs the same forms without CommonKV (SnapKV / KIVI on the plain cache), for equal-bytes
+comparisons. factor_s: the time to get CommonKV's factors (the SVDs, for whitened also the calibration
+forward; a disk-cache load when they were computed before), taken before the timed prefill.
 """
 
 from __future__ import annotations
