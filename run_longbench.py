@@ -103,6 +103,9 @@ def main(argv=None) -> None:
               "to published tables)", file=sys.stderr, flush=True)
     samples = load_samples(args, datasets, data_dir)  # fail on missing/bad data before loading a model
     runs = [Run(one, resolved, "hub" if args.from_hub else os.path.realpath(data_dir)) for one in sweep]
+    if args.print_results_dir:
+        print("\n".join(run.out_dir for run in runs))
+        return
     fingerprint = resolved.fingerprint()
     for run in runs:
         results_dir.check_writable(args.save_dir, run.out_dir)

@@ -169,6 +169,9 @@ def main(argv=None) -> None:
     resolved = predict.resolve_model(args)
     pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}
     runs = [Run(one, resolved) for one in sweep]
+    if args.print_results_dir:
+        print("\n".join(run.out_dir for run in runs))
+        return
     fingerprint = resolved.fingerprint()
     for run in runs:
         results_dir.check_writable(args.save_dir, run.out_dir)

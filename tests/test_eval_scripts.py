@@ -36,3 +36,29 @@ def test_unknown_model_is_one_line_error(tmp_path):
         proc = _sh(script, args, tmp_path)
         assert proc.returncode == 2
         assert proc.stderr.strip().startswith("error: model 'nosuch' not found") and "\n" not in proc.stderr.strip()
+
+
+def test_eval_sh_scores_the_directory_extra_args_name(tmp_path, monkeypatch):
+    # CommonKV's --factorization whitened and --evict_method add to the directory name; the scripts ask
+    # the runner for it (--print_results_dir) instead of rebuilding it, so eval.py scores what ran
+    monkeypatch.setenv("PYRAMIDKV_CACHE_DIR", str(tmp_path / "cache"))
+    extra = "--layer_step 2 --rank 16 --factorization whitened --calibration_tokens 64 --evict_method SnapKV"
+    ruler = _sh("scripts_ruler/eval.sh", ["0", "CommonKV", "48", "sdpa", str(tmp_path), "tiny"], tmp_path,
+                TASKS="niah_single_1", NUM_SAMPLES="1", CONTEXT_LENGTHS="512", EXTRA_ARGS=extra)
+    assert ruler.returncode == 0, ruler.stderr[-2000:]
+    name = "pyramidkv-tiny-llama_48_evictSnapKV_whitened"
+    assert "CommonKV" in json.loads((tmp_path / "results_ruler" / name / "results.json").read_text())
+    longbench = _sh("scripts_longBench/eval.sh", ["0", "CommonKV", "48", "sdpa", str(tmp_path), "tiny"], tmp_path,
+                    EXTRA_ARGS=extra + " --datasets samsum --max_num_examples 1 --max_length 300")
+    assert longbench.returncode == 0, longbench.stderr[-2000:]
+    assert "samsum" in json.loads((tmp_path / "results_long_bench" / name / "results.json").read_text())["CommonKV"]
+
+
+def test_print_results_dir_names_each_run_and_loads_nothing(tmp_path, capsys, monkeypatch):
+    import run_ruler
+
+    monkeypatch.setattr("pyramidkv.predict.load_model_and_tokenizer", lambda *a, **k: 1 / 0)
+    run_ruler.main(["--model_path", "tiny", "--method", "SnapKV,H2O", "--max_capacity_prompts", "64",
+                    "--save_dir", str(tmp_path), "--print_results_dir"])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "pyramidkv-tiny-llama_64")] * 2
+    assert not any(tmp_path.iterdir())

@@ -14,7 +14,8 @@
 # none), NBITS (2, 4 or 8; default 4), GROUP_SIZE (default 32), RESIDUAL_LENGTH (default 32) become
 # --quant_method/--nbits/--group_size/--residual_length; the results directory then ends in the
 # quantization ({model name}_{capacity}_kivi4, plus _g64 / _r16 for a non-default group / residual), as
-# the runner names it. Give them here rather than in EXTRA_ARGS, so the scored directory matches.
+# the runner names it. The script scores the directory the runner reports (--print_results_dir), so
+# flags in EXTRA_ARGS that name it (CommonKV's --factorization whitened, --evict_method) are scored too.
 # Without data/LongBench it runs on the bundled smoke sample data/longbench_smoke (NOT LongBench) and
 # its 16 English sets (29 samples; pass EXTRA_ARGS="--datasets all" for all 21): under a minute with
 # tiny; with smollm2 a QA sample (~600 prompt tokens) took ~35 s on a loaded, shared 2-core CPU and the
@@ -23,7 +24,7 @@
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
-. "$ROOT/scripts/lib.sh"  # default_attn; quant_flags / quant_suffix from the QUANT_* variables
+. "$ROOT/scripts/lib.sh"  # default_attn; quant_flags from the QUANT_* variables
 
 if [ -z "$2" ]; then
     echo "usage: sh scripts/scripts_longBench/eval.sh CUDA_DEVICES METHOD [CAPACITY] [ATTN] [SAVE_ROOT] [MODEL]" >&2
@@ -43,18 +44,22 @@ fi
 threads_flag=""
 [ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 save_dir=${source_path%/}/results_long_bench
-# the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
-# run_longbench.py names it; a one-line error for a model that resolves to nothing
-model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
-results_dir=$save_dir/${model_name}_$max_capacity_prompts$quant_suffix
+# a one-line error for a model that resolves to nothing, before anything runs
+"$PYTHON" -m pyramidkv.models "$model_path" > /dev/null || exit 2
 
-# shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
-"$PYTHON" "$ROOT/run_longbench.py" \
-    --method "$method" \
-    --model_path "$model_path" \
-    --max_capacity_prompts "$max_capacity_prompts" \
-    --attn_implementation "$attn_implementation" \
-    --save_dir "$save_dir" \
-    $threads_flag $quant_flags $EXTRA_ARGS
+run_runner() {
+    # shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
+    "$PYTHON" "$ROOT/run_longbench.py" \
+        --method "$method" \
+        --model_path "$model_path" \
+        --max_capacity_prompts "$max_capacity_prompts" \
+        --attn_implementation "$attn_implementation" \
+        --save_dir "$save_dir" \
+        $threads_flag $quant_flags $EXTRA_ARGS "$@"
+}
+# the directory the runner writes (CommonKV's _whitened / _evictSnapKV, quantization, ratios name it)
+results_dir=$(run_runner --print_results_dir) || exit 2
+
+run_runner
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"

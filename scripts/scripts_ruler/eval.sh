@@ -14,7 +14,8 @@
 # none), NBITS (2, 4 or 8; default 4), GROUP_SIZE (default 32), RESIDUAL_LENGTH (default 32) become
 # --quant_method/--nbits/--group_size/--residual_length; the results directory then ends in the
 # quantization ({model name}_{capacity}_kivi4, plus _g64 / _r16 for a non-default group / residual), as
-# the runner names it. Give them here rather than in EXTRA_ARGS, so the scored directory matches.
+# the runner names it. The script scores the directory the runner reports (--print_results_dir), so
+# flags in EXTRA_ARGS that name it (CommonKV's --factorization whitened, --evict_method) are scored too.
 # Defaults per model:
 #   smollm2 (and any other model): RULER's shortest official length 4096 tokens, RULER's 11 offline
 #     tasks, 10 samples each (110 prompts). On a shared 2-core CPU one prompt took 40 s (niah) to
@@ -24,7 +25,7 @@
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
-. "$ROOT/scripts/lib.sh"  # default_attn; quant_flags / quant_suffix from the QUANT_* variables
+. "$ROOT/scripts/lib.sh"  # default_attn; quant_flags from the QUANT_* variables
 
 export CUDA_VISIBLE_DEVICES=${1:-0}
 method=${2:-PyramidKV}
@@ -45,21 +46,25 @@ threads_flag=""
 [ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 tasks=${TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 save_dir=${source_path%/}/results_ruler
-# the results directory is named after the resolved model (smollm2 -> SmolLM2-135M-Instruct), as
-# run_ruler.py names it; a one-line error for a model that resolves to nothing
-model_name=$("$PYTHON" -m pyramidkv.models "$model_path") || exit 2
-results_dir=$save_dir/${model_name}_$max_capacity_prompts$quant_suffix
+# a one-line error for a model that resolves to nothing, before anything runs
+"$PYTHON" -m pyramidkv.models "$model_path" > /dev/null || exit 2
 
-# shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
-"$PYTHON" "$ROOT/run_ruler.py" \
-    --method "$method" \
-    --model_path "$model_path" \
-    --max_capacity_prompts "$max_capacity_prompts" \
-    --attn_implementation "$attn_implementation" \
-    --save_dir "$save_dir" \
-    --context_lengths "$context_lengths" \
-    --num_samples "$num_samples" \
-    --tasks "$tasks" \
-    $threads_flag $quant_flags $EXTRA_ARGS
+run_runner() {
+    # shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
+    "$PYTHON" "$ROOT/run_ruler.py" \
+        --method "$method" \
+        --model_path "$model_path" \
+        --max_capacity_prompts "$max_capacity_prompts" \
+        --attn_implementation "$attn_implementation" \
+        --save_dir "$save_dir" \
+        --context_lengths "$context_lengths" \
+        --num_samples "$num_samples" \
+        --tasks "$tasks" \
+        $threads_flag $quant_flags $EXTRA_ARGS "$@"
+}
+# the directory the runner writes (CommonKV's _whitened / _evictSnapKV, quantization, ratios name it)
+results_dir=$(run_runner --print_results_dir) || exit 2
+
+run_runner
 
 "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"
