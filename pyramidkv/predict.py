@@ -91,7 +91,7 @@ def add_common_args(parser: argparse.ArgumentParser, save_dir: str = "results", 
                    help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on CPU)")
     g.add_argument("--print_results_dir", action="store_true",
                    help="print the results directory of each method and budget, then exit (eval.sh scores "
-                        "the directory the runner names, whatever EXTRA_ARGS add to the name)")
+                        "the directory the runner names, whatever EXTRA_ARGS add to the name) (default: off)")
     g.add_argument("--chat_template", default="auto", choices=CHAT_TEMPLATE_MODES,
                    help="auto: wrap prompts with the tokenizer's chat template when it has one (default: auto)")
 
