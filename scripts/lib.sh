@@ -7,16 +7,10 @@ default_attn() {
 }
 
 # quant_flags: the runner flags for QUANT_METHOD / NBITS / GROUP_SIZE / RESIDUAL_LENGTH (unset = the
-# method's defaults); quant_suffix: what the runner appends to the results directory for them
-# (_kivi4, plus _g<size> / _r<length> when not the default 32).
+# method's defaults). if-blocks, not `[ ... ] && ...`: a false test as the last command would make
+# sourcing this file fail, and the calling script (set -e) stop without a word.
 quant_flags=""
-quant_suffix=""
-[ -n "$QUANT_METHOD" ] && quant_flags="--quant_method $QUANT_METHOD"
-[ -n "$NBITS" ] && quant_flags="$quant_flags --nbits $NBITS"
-[ -n "$GROUP_SIZE" ] && quant_flags="$quant_flags --group_size $GROUP_SIZE"
-[ -n "$RESIDUAL_LENGTH" ] && quant_flags="$quant_flags --residual_length $RESIDUAL_LENGTH"
-if [ -n "$QUANT_METHOD" ] && [ "$QUANT_METHOD" != "none" ]; then
-    quant_suffix="_$QUANT_METHOD${NBITS:-4}"
-    [ -n "$GROUP_SIZE" ] && [ "$GROUP_SIZE" != 32 ] && quant_suffix="${quant_suffix}_g$GROUP_SIZE"
-    [ -n "$RESIDUAL_LENGTH" ] && [ "$RESIDUAL_LENGTH" != 32 ] && quant_suffix="${quant_suffix}_r$RESIDUAL_LENGTH"
-fi
+if [ -n "$QUANT_METHOD" ]; then quant_flags="--quant_method $QUANT_METHOD"; fi
+if [ -n "$NBITS" ]; then quant_flags="$quant_flags --nbits $NBITS"; fi
+if [ -n "$GROUP_SIZE" ]; then quant_flags="$quant_flags --group_size $GROUP_SIZE"; fi
+if [ -n "$RESIDUAL_LENGTH" ]; then quant_flags="$quant_flags --residual_length $RESIDUAL_LENGTH"; fi

@@ -62,3 +62,12 @@ def test_print_results_dir_names_each_run_and_loads_nothing(tmp_path, capsys, mo
                     "--save_dir", str(tmp_path), "--print_results_dir"])
     assert capsys.readouterr().out.split() == [str(tmp_path / "pyramidkv-tiny-llama_64")] * 2
     assert not any(tmp_path.iterdir())
+
+
+def test_eval_sh_with_only_quant_method_and_nbits(tmp_path):
+    # the README's form (no GROUP_SIZE / RESIDUAL_LENGTH): sourcing scripts/lib.sh used to end on a
+    # false test, and eval.sh (set -e) exited 1 before predicting anything
+    proc = _sh("scripts_ruler/eval.sh", ["0", "SnapKV", "48", "sdpa", str(tmp_path), "tiny"], tmp_path,
+               TASKS="niah_single_1", NUM_SAMPLES="1", CONTEXT_LENGTHS="512", QUANT_METHOD="kivi", NBITS="4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SnapKV" in json.loads((tmp_path / "results_ruler" / "pyramidkv-tiny-llama_48_kivi4" / "results.json").read_text())
