@@ -97,15 +97,15 @@ def main(argv=None) -> None:
         raise predict.CLIError(f"LongBench-E needs {lb.DEFAULT_DATA_DIR}/{{dataset}}_e.jsonl files (the bundled "
                                "smoke sample has none); unzip LongBench's data.zip there or pass --data_dir")
     resolved = predict.resolve_model(args)
+    runs = [Run(one, resolved, "hub" if args.from_hub else os.path.realpath(data_dir)) for one in sweep]
+    if args.print_results_dir:  # the names only: eval.sh asks before the real run, which reads the data
+        print("\n".join(run.out_dir for run in runs))
+        return
     if data_source == "smoke":
         print(f"note: {lb.DEFAULT_DATA_DIR} not found; using the bundled smoke sample {data_dir} "
               "(self-written text in LongBench format, NOT LongBench: scores are not comparable "
               "to published tables)", file=sys.stderr, flush=True)
     samples = load_samples(args, datasets, data_dir)  # fail on missing/bad data before loading a model
-    runs = [Run(one, resolved, "hub" if args.from_hub else os.path.realpath(data_dir)) for one in sweep]
-    if args.print_results_dir:
-        print("\n".join(run.out_dir for run in runs))
-        return
     fingerprint = resolved.fingerprint()
     for run in runs:
         results_dir.check_writable(args.save_dir, run.out_dir)

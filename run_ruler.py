@@ -167,11 +167,11 @@ def main(argv=None) -> None:
             dataset = task_args(task)["dataset"]
             READ_QA[dataset](find_qa_file(dataset, args.qa_dir))
     resolved = predict.resolve_model(args)
-    pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}
     runs = [Run(one, resolved) for one in sweep]
-    if args.print_results_dir:
+    if args.print_results_dir:  # the names only: eval.sh asks before the real run, which reads the data
         print("\n".join(run.out_dir for run in runs))
         return
+    pregenerated = {(length, task): read_pregenerated(args, task, length) for length in lengths for task in tasks}
     fingerprint = resolved.fingerprint()
     for run in runs:
         results_dir.check_writable(args.save_dir, run.out_dir)

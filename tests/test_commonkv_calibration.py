@@ -10,7 +10,7 @@ from pyramidkv import commonkv
 from pyramidkv import commonkv_factors as cf
 from pyramidkv.methods import build_method
 
-from conftest import assert_same_generation, greedy, prompt, tiny_model
+from conftest import assert_same_generation, greedy, load_script, prompt, tiny_model
 
 CALIB = {"factorization": "whitened", "calibration_tokens": 96}
 
@@ -163,15 +163,13 @@ def test_unloadable_tokenizer_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_report_script_whitened_on_the_embedded_checkpoint(tmp_path, monkeypatch):
+def test_report_script_whitened_on_the_embedded_checkpoint(tmp_path):
     # a saved model: the calibration text goes through its own tokenizer (from config._name_or_path)
     import json
 
     from pyramidkv.models import TINY_CHECKPOINT
 
-    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
-    import commonkv_report
-
+    commonkv_report = load_script("commonkv_report")
     out = tmp_path / "report.json"
     assert commonkv_report.main(["--model", "tiny", "--tokens", "48", "--layer_steps", "2", "--ranks", "16,256",
                                  "--decode_steps", "1", "--factorization", "whitened", "--calibration_tokens", "64",
@@ -190,30 +188,32 @@ def test_report_script_whitened_on_the_embedded_checkpoint(tmp_path, monkeypatch
     assert ids[0].tolist() == expected
 
 
-def test_report_script_refuses_bad_factorization_before_loading(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
-    import commonkv_report
-
+def _report_error(monkeypatch, capsys, argv) -> str:
+    """commonkv_report.main(argv) exits 2 without loading a model; returns its stderr."""
     loads = []
     monkeypatch.setattr("pyramidkv.models.load_pretrained", lambda *a, **k: loads.append(a))
-    assert commonkv_report.main(["--model", "tiny", "--factorization", "svd"]) == 2
-    assert "factorization='svd' is unknown; valid choices: weights, whitened" in capsys.readouterr().err
+    assert load_script("commonkv_report").main(["--model", "tiny", *argv]) == 2
     assert loads == []
+    return capsys.readouterr().err
 
 
-def test_report_script_variants_bytes_and_unchanged_prefill_nll(tmp_path, monkeypatch):
+def test_report_script_refuses_bad_factorization_before_loading(monkeypatch, capsys):
+    assert "factorization='svd' is unknown; valid choices: weights, whitened" in _report_error(
+        monkeypatch, capsys, ["--factorization", "svd"])
+
+
+def test_report_script_variants_bytes_and_unchanged_prefill_nll(tmp_path):
     # merge and eviction act after each layer's prefill attention: bytes shrink, the teacher-forced NLL stays
     import json
 
-    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
-    import commonkv_report
-
+    commonkv_report = load_script("commonkv_report")
     out = tmp_path / "variants.json"
     assert commonkv_report.main(["--model", "tiny", "--tokens", "300", "--layer_steps", "2", "--ranks", "64",
                                  "--decode_steps", "1", "--variants", "none,merge,snapkv128,snapkv128+kivi4",
                                  "--controls", "snapkv128", "--out", str(out)]) == 0
     full, *rows, control = json.loads(out.read_text())["rows"]
-    assert control["method"] == "SnapKV" and control["nbytes"] == 128 * 2 * 32 * 2 * 4 * 2  # KV heads, head_dim, K+V, fp32, layers
+    # tokens x KV heads x head_dim x (K, V) x fp32 x layers
+    assert control["method"] == "SnapKV" and control["nbytes"] == 128 * 2 * 32 * 2 * 4 * 2
     by_name = {r["variant"]: r for r in rows}
     assert by_name["none"]["nbytes"] == 300 * 64 * 4 * 2  # tokens x rank x fp32 x 2 layers
     assert by_name["snapkv128"]["nbytes"] == 128 * 64 * 4 * 2
@@ -223,15 +223,8 @@ def test_report_script_variants_bytes_and_unchanged_prefill_nll(tmp_path, monkey
 
 
 def test_report_script_bad_variant_one_line_before_loading(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(cf.DEFAULT_CALIBRATION.parents[2] / "scripts"))
-    import commonkv_report
-
-    loads = []
-    monkeypatch.setattr("pyramidkv.models.load_pretrained", lambda *a, **k: loads.append(a))
-    assert commonkv_report.main(["--model", "tiny", "--variants", "none,snap128"]) == 2
-    assert "variant part 'snap128' is unknown; valid forms: none, merge, snapkvN" in capsys.readouterr().err
-    assert commonkv_report.main(["--model", "tiny", "--variants", "merge+kivi4"]) == 2
-    assert "merge=True with quant_method='kivi' is not supported" in capsys.readouterr().err
-    assert commonkv_report.main(["--model", "tiny", "--controls", "snapkv128,merge"]) == 2
-    assert "control 'merge': merge exists only in CommonKV" in capsys.readouterr().err
-    assert loads == []
+    for argv, message in (
+            (["--variants", "none,snap128"], "variant part 'snap128' is unknown; valid forms: none, merge, snapkvN"),
+            (["--variants", "merge+kivi4"], "merge=True with quant_method='kivi' is not supported"),
+            (["--controls", "snapkv128,merge"], "control 'merge': merge exists only in CommonKV")):
+        assert message in _report_error(monkeypatch, capsys, argv)

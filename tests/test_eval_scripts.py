@@ -70,4 +70,14 @@ def test_eval_sh_with_only_quant_method_and_nbits(tmp_path):
     proc = _sh("scripts_ruler/eval.sh", ["0", "SnapKV", "48", "sdpa", str(tmp_path), "tiny"], tmp_path,
                TASKS="niah_single_1", NUM_SAMPLES="1", CONTEXT_LENGTHS="512", QUANT_METHOD="kivi", NBITS="4")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "SnapKV" in json.loads((tmp_path / "results_ruler" / "pyramidkv-tiny-llama_48_kivi4" / "results.json").read_text())
+    results = tmp_path / "results_ruler" / "pyramidkv-tiny-llama_48_kivi4" / "results.json"
+    assert "SnapKV" in json.loads(results.read_text())
+
+
+def test_eval_sh_with_a_method_list_scores_their_shared_directory_once(tmp_path):
+    proc = _sh("scripts_ruler/eval.sh", ["0", "SnapKV,StreamingLLM", "48", "sdpa", str(tmp_path), "tiny"], tmp_path,
+               TASKS="niah_single_1", NUM_SAMPLES="1", CONTEXT_LENGTHS="512")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("wrote ") == 1
+    results = json.loads((tmp_path / "results_ruler" / "pyramidkv-tiny-llama_48" / "results.json").read_text())
+    assert set(results) == {"SnapKV", "StreamingLLM"}

@@ -44,9 +44,6 @@ fi
 threads_flag=""
 [ -n "$num_threads" ] && threads_flag="--num_threads $num_threads"
 save_dir=${source_path%/}/results_long_bench
-# a one-line error for a model that resolves to nothing, before anything runs
-"$PYTHON" -m pyramidkv.models "$model_path" > /dev/null || exit 2
-
 run_runner() {
     # shellcheck disable=SC2086  # threads_flag, quant_flags and EXTRA_ARGS are lists of flags on purpose
     "$PYTHON" "$ROOT/run_longbench.py" \
@@ -57,9 +54,13 @@ run_runner() {
         --save_dir "$save_dir" \
         $threads_flag $quant_flags $EXTRA_ARGS "$@"
 }
-# the directory the runner writes (CommonKV's _whitened / _evictSnapKV, quantization, ratios name it)
-results_dir=$(run_runner --print_results_dir) || exit 2
+# the directories the runner writes (CommonKV's _whitened / _evictSnapKV, quantization, ratios name them;
+# a comma list of methods shares one); bad flags or a model that resolves to nothing stop here with the
+# runner's one-line error
+results_dirs=$(run_runner --print_results_dir) || exit 2
 
 run_runner
 
-"$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"
+echo "$results_dirs" | sort -u | while IFS= read -r results_dir; do
+    "$PYTHON" "$ROOT/eval.py" --results_dir "$results_dir"
+done
