@@ -1,0 +1,158 @@
+"""RULER tables with binomial standard errors, straight from a sweep's prediction files.
+
+eval.py scores whatever a prediction file holds; while a sweep is being extended (10 -> 50 samples)
+its files hold different counts per task, and results.json mixes them. This script scores, per
+(method, budget, task), the samples with index < --num_samples only, and prints each cell as its
+score with the sample count and the standard error of the mean: sqrt(p (1 - p) / n) for 0/1 scores
+(RULER's string match on one needle), the same formula with the per-sample variance otherwise.
+Cells that hold fewer samples than asked for are shown with their count (never padded or dropped).
+It only reads: prediction files and results.json stay as they are.
+
+    python scripts/scripts_ruler/sample_table.py \
+        --results_root benchmarks/ruler_smollm2/window8/results_ruler \
+        --model_name SmolLM2-135M-Instruct --budgets 64,128,256,512,1024 \
+        --tasks niah_single_1,niah_single_2 --num_samples 50 --out table.md
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from pyramidkv import metrics
+from pyramidkv.method_flags import parse_budget_names
+from pyramidkv.result_files import iter_jsonl
+
+
+def per_sample_scores(path: str, task: str, num_samples: int) -> list[float]:
+    """Score (0-100) of each sample with index < num_samples, once per index; bad lines warned and
+    skipped, as eval.py does."""
+    metric = metrics.RULER_TASK_TO_METRIC[task]
+    scores, seen = [], set()
+    for line_no, record, error, missing in iter_jsonl(path, ("pred", "outputs", "index")):
+        if error or missing or not isinstance(record["pred"], str):
+            print(f"warning: {path}:{line_no}: {error or 'missing ' + ', '.join(missing) or 'pred not a string'}; "
+                  "line skipped", file=sys.stderr)
+            continue
+        index = record["index"]
+        if index in seen or not (isinstance(index, int) and 0 <= index < num_samples):
+            continue
+        seen.add(index)
+        scores.append(metric([metrics.ruler_postprocess(record["pred"])], [record["outputs"]]))
+    return scores
+
+
+def cell(scores: list[float]) -> dict:
+    """Mean, standard error of the mean and count of one cell's per-sample scores."""
+    n = len(scores)
+    mean = sum(scores) / n
+    variance = sum((s - mean) ** 2 for s in scores) / n  # = p (1 - p) x 100^2 for 0/100 scores
+    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
+
+
+def collect(results_root: str, model_name: str, budgets: list, tasks: list, length: str,
+            num_samples: int) -> dict:
+    """{task: {method: {budget: cell}}}; FullKV (run once, in one budget's directory) under "all"."""
+    table: dict = {t: {} for t in tasks}
+    for budget in budgets:
+        for task in tasks:
+            task_dir = os.path.join(results_root, f"{model_name}_{budget}", length, task)
+            if not os.path.isdir(task_dir):
+                continue
+            for name in sorted(os.listdir(task_dir)):
+                if not name.endswith(".json"):
+                    continue
+                scores = per_sample_scores(os.path.join(task_dir, name), task, num_samples)
+                if not scores:
+                    continue
+                method = name[:-5]
+                key = "all" if method.lower() == "fullkv" else budget
+                table[task].setdefault(method, {}).setdefault(key, cell(scores))
+    return table
+
+
+def average_cell(cells: list) -> dict | None:
+    """Mean over tasks; its standard error from the tasks' (independent samples): sqrt(sum se^2) / T."""
+    if not cells or any(c is None for c in cells):
+        return None
+    return {"mean": sum(c["mean"] for c in cells) / len(cells),
+            "se": math.sqrt(sum(c["se"] ** 2 for c in cells)) / len(cells), "n": min(c["n"] for c in cells)}
+
+
+def show(c: dict | None, num_samples: int) -> str:
+    if c is None:
+        return "-"
+    text = f"{c['mean']:.0f} ± {c['se']:.0f}"
+    return text if c["n"] >= num_samples else f"{text} (n={c['n']})"
+
+
+def markdown(title: str, per_method: dict, budgets: list, order: list, num_samples: int) -> str:
+    methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
+    lines = [f"**{title}**", "", "| method | " + " | ".join(map(str, budgets)) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method in methods:
+        cells = per_method[method]
+        row = [show(cells.get("all", cells.get(b)), num_samples) for b in budgets]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def build_tables(table: dict, budgets: list, order: list, num_samples: int, length: str) -> str:
+    blocks = [markdown(f"{task}, {length} tokens", table[task], budgets, order, num_samples)
+              for task in table if table[task]]
+    complete = [t for t in table if table[t]]
+    if len(complete) > 1:
+        methods = set.intersection(*(set(table[t]) for t in complete))
+        average = {m: {b: average_cell([table[t][m].get("all", table[t][m].get(b)) for t in complete])
+                       for b in budgets} for m in methods}
+        blocks.append(markdown(f"average of {', '.join(complete)}", average, budgets, order, num_samples))
+    note = (f"Cells: score ± standard error of the mean, from the samples with index < {num_samples}; "
+            "(n=k) marks a cell with fewer samples. A cell of 0 ± 0 (or 100 ± 0) has no sample on the other side: "
+            f"its 95% bound is about 300/n points away (rule of three; {300 / num_samples:.0f} at n={num_samples}). "
+            "FullKV keeps every token: one run, in every column.")
+    return "\n\n".join(blocks + [note]) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results_root", required=True, help="save dir holding {model_name}_{budget}/")
+    parser.add_argument("--model_name", required=True, help="basename of the model path")
+    parser.add_argument("--budgets", required=True, help="comma list of budget names as in the directory names")
+    parser.add_argument("--tasks", required=True, help="comma list of RULER tasks")
+    parser.add_argument("--num_samples", type=int, default=50, help="score samples with index < N (default: 50)")
+    parser.add_argument("--length", default="4096", help="context length directory (default: 4096)")
+    parser.add_argument("--methods", default="FullKV,SnapKV,PyramidKV,H2O,StreamingLLM,L2Norm,ChunkKV",
+                        help="row order (comma list); others follow sorted (default: the issue-17 order)")
+    parser.add_argument("--out", default="", help="also write the markdown here (default: print only)")
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in metrics.RULER_TASK_TO_METRIC]
+    if unknown or not tasks:
+        print(f"error: unknown RULER task {','.join(unknown) or '(none given)'} "
+              f"(valid: {', '.join(metrics.RULER_TASK_TO_METRIC)})", file=sys.stderr)
+        return 2
+    if args.num_samples < 1:
+        print(f"error: --num_samples {args.num_samples} must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        budgets = parse_budget_names(args.budgets)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = collect(args.results_root, args.model_name, budgets, tasks, args.length, args.num_samples)
+    if not any(table.values()):
+        print(f"error: no prediction files for {','.join(tasks)} under "
+              f"{args.results_root}/{args.model_name}_<budget>/{args.length}/", file=sys.stderr)
+        return 2
+    text = build_tables(table, budgets, [m for m in args.methods.split(",") if m], args.num_samples, args.length)
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

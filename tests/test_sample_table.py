@@ -1,0 +1,62 @@
+"""scripts/scripts_ruler/sample_table.py: per-cell scores with sample counts and binomial errors."""
+import json
+import math
+import os
+
+from conftest import load_script
+
+sample_table = load_script("scripts_ruler/sample_table")
+
+
+def write(path, records, extra_lines=()):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+def rec(index, right):
+    return {"pred": " 1234567." if right else " 1234.", "outputs": ["1234567"], "index": index}
+
+
+def make_tree(root):
+    base = os.path.join(root, "m_{}", "4096", "niah_single_1", "{}.json")
+    # FullKV once (budget 64's directory): 3 right of 4; index 4 is past --num_samples 4
+    write(base.format(64, "FullKV"), [rec(0, 1), rec(1, 1), rec(2, 0), rec(3, 1), rec(4, 0)])
+    # SnapKV 64: index 1 repeated (counted once) and a malformed line (skipped); 1 right of 2 samples
+    write(base.format(64, "SnapKV"), [rec(0, 1), rec(1, 0), rec(1, 1)], ["{not json"])
+    write(base.format(128, "SnapKV"), [rec(i, 1) for i in range(4)])
+
+
+def test_scores_counts_and_errors(tmp_path, capsys):
+    make_tree(str(tmp_path))
+    out = tmp_path / "t.md"
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64,128",
+                              "--tasks", "niah_single_1", "--num_samples", "4", "--out", str(out)]) == 0
+    text = out.read_text()
+    se_full = round(100 * math.sqrt(0.75 * 0.25 / 4))  # 22
+    assert f"| FullKV | 75 ± {se_full} | 75 ± {se_full} |" in text
+    assert "| SnapKV | 50 ± 35 (n=2) | 100 ± 0 |" in text
+    assert "malformed JSON" in capsys.readouterr().err
+
+
+def test_average_over_tasks(tmp_path):
+    make_tree(str(tmp_path))
+    write(os.path.join(str(tmp_path), "m_128", "4096", "niah_single_2", "SnapKV.json"),
+          [rec(0, 0), rec(1, 0), rec(2, 1), rec(3, 1)])
+    table = sample_table.collect(str(tmp_path), "m", ["128"], ["niah_single_1", "niah_single_2"], "4096", 4)
+    avg = sample_table.average_cell([table["niah_single_1"]["SnapKV"]["128"], table["niah_single_2"]["SnapKV"]["128"]])
+    assert avg["mean"] == 75 and avg["n"] == 4
+    assert math.isclose(avg["se"], math.sqrt(0 + 25.0 ** 2) / 2)
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64",
+                              "--tasks", "niah_single_9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "niah_single_9" in err and "niah_single_1" in err and "\n" not in err
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64",
+                              "--tasks", "niah_single_1"]) == 2
+    assert "no prediction files" in capsys.readouterr().err
