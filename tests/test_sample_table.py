@@ -60,3 +60,25 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64",
                               "--tasks", "niah_single_1"]) == 2
     assert "no prediction files" in capsys.readouterr().err
+
+
+def test_paired_counts_only_discordant_prompts(tmp_path):
+    make_tree(str(tmp_path))
+    out = tmp_path / "t.md"
+    # budget 128: SnapKV right on 0-3, FullKV right on 0, 1, 3 -> only SnapKV right once (index 2)
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64,128",
+                              "--tasks", "niah_single_1", "--num_samples", "4", "--out", str(out),
+                              "--paired", "FullKV,SnapKV"]) == 0
+    text = out.read_text()
+    # budget 64: SnapKV has indices 0 (right) and 1 (wrong, its first line); FullKV right on both
+    assert "| niah_single_1 | 1 / 0, p=1 | 0 / 1, p=1 |" in text
+    assert sample_table.sign_test_p(0, 0) == 1.0
+    assert math.isclose(sample_table.sign_test_p(0, 11), 2 / 2 ** 11)
+    assert math.isclose(sample_table.sign_test_p(7, 3), 2 * sum(math.comb(10, k) for k in range(4)) / 2 ** 10)
+
+
+def test_bad_paired_is_one_line_error(tmp_path, capsys):
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64",
+                              "--tasks", "niah_single_1", "--paired", "SnapKV"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'SnapKV'" in err and "A,B" in err and "\n" not in err

@@ -6,12 +6,14 @@ its files hold different counts per task, and results.json mixes them. This scri
 score with the sample count and the standard error of the mean: sqrt(p (1 - p) / n) for 0/1 scores
 (RULER's string match on one needle), the same formula with the per-sample variance otherwise.
 Cells that hold fewer samples than asked for are shown with their count (never padded or dropped).
-It only reads: prediction files and results.json stay as they are.
+`--paired A,B` adds, per task and budget, the prompts where only A or only B is right and an exact
+sign test: every method of a sweep answers the same prompts, so this separates two methods far more
+sharply than their cells' errors do. It only reads: prediction files and results.json stay as they are.
 
     python scripts/scripts_ruler/sample_table.py \
         --results_root benchmarks/ruler_smollm2/window8/results_ruler \
         --model_name SmolLM2-135M-Instruct --budgets 64,128,256,512,1024 \
-        --tasks niah_single_1,niah_single_2 --num_samples 50 --out table.md
+        --tasks niah_single_1,niah_single_2 --num_samples 50 --paired PyramidKV,SnapKV --out table.md
 """
 from __future__ import annotations
 
@@ -25,30 +27,31 @@ from pyramidkv.method_flags import parse_budget_names
 from pyramidkv.result_files import iter_jsonl
 
 
-def per_sample_scores(path: str, task: str, num_samples: int) -> list[float]:
-    """Score (0-100) of each sample with index < num_samples, once per index; bad lines warned and
-    skipped, as eval.py does."""
+def per_sample_scores(path: str, task: str, num_samples: int) -> dict:
+    """{index: score 0-100} of the samples with index < num_samples (the first line of an index
+    counts); bad lines warned and skipped, as eval.py does."""
     metric = metrics.RULER_TASK_TO_METRIC[task]
-    scores, seen = [], set()
+    scores: dict = {}
     for line_no, record, error, missing in iter_jsonl(path, ("pred", "outputs", "index")):
         if error or missing or not isinstance(record["pred"], str):
             print(f"warning: {path}:{line_no}: {error or 'missing ' + ', '.join(missing) or 'pred not a string'}; "
                   "line skipped", file=sys.stderr)
             continue
         index = record["index"]
-        if index in seen or not (isinstance(index, int) and 0 <= index < num_samples):
+        if index in scores or not (isinstance(index, int) and 0 <= index < num_samples):
             continue
-        seen.add(index)
-        scores.append(metric([metrics.ruler_postprocess(record["pred"])], [record["outputs"]]))
+        scores[index] = metric([metrics.ruler_postprocess(record["pred"])], [record["outputs"]])
     return scores
 
 
-def cell(scores: list[float]) -> dict:
-    """Mean, standard error of the mean and count of one cell's per-sample scores."""
+def cell(by_index: dict) -> dict:
+    """Mean, standard error of the mean and count of one cell's per-sample scores (kept by index for
+    the paired comparison)."""
+    scores = list(by_index.values())
     n = len(scores)
     mean = sum(scores) / n
     variance = sum((s - mean) ** 2 for s in scores) / n  # = p (1 - p) x 100^2 for 0/100 scores
-    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
+    return {"mean": mean, "se": math.sqrt(variance / n), "n": n, "by_index": by_index}
 
 
 def collect(results_root: str, model_name: str, budgets: list, tasks: list, length: str,
@@ -114,6 +117,39 @@ def build_tables(table: dict, budgets: list, order: list, num_samples: int, leng
     return "\n\n".join(blocks + [note]) + "\n"
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) on the discordant samples."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(table: dict, budgets: list, first: str, second: str) -> str:
+    """Per task and budget, on the prompts both methods answered: how often each is right where the
+    other is wrong (same prompts, so far more sensitive than comparing two cells' errors)."""
+    lines = [f"**paired: {first} vs {second}** (prompts where only {first} / only {second} is right; "
+             "exact two-sided sign test)", "", "| task | " + " | ".join(map(str, budgets)) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for task, per_method in table.items():
+        if first not in per_method or second not in per_method:
+            continue
+        row = []
+        for budget in budgets:
+            a = per_method[first].get("all", per_method[first].get(budget))
+            b = per_method[second].get("all", per_method[second].get(budget))
+            if a is None or b is None:
+                row.append("-")
+                continue
+            common = set(a["by_index"]) & set(b["by_index"])
+            wins = sum(a["by_index"][i] > b["by_index"][i] for i in common)
+            losses = sum(a["by_index"][i] < b["by_index"][i] for i in common)
+            row.append(f"{wins} / {losses}, p={sign_test_p(wins, losses):.2g}")
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results_root", required=True, help="save dir holding {model_name}_{budget}/")
@@ -124,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--length", default="4096", help="context length directory (default: 4096)")
     parser.add_argument("--methods", default="FullKV,SnapKV,PyramidKV,H2O,StreamingLLM,L2Norm,ChunkKV",
                         help="row order (comma list); others follow sorted (default: the issue-17 order)")
+    parser.add_argument("--paired", default=None, action="append",
+                        help="A,B: also count the prompts where only A or only B is right (repeatable)")
     parser.add_argument("--out", default="", help="also write the markdown here (default: print only)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -134,6 +172,11 @@ def main(argv=None) -> int:
         return 2
     if args.num_samples < 1:
         print(f"error: --num_samples {args.num_samples} must be >= 1", file=sys.stderr)
+        return 2
+    pairs = [p.split(",") for p in args.paired or []]
+    bad = [",".join(p) for p in pairs if len(p) != 2 or not all(p)]
+    if bad:
+        print(f"error: --paired {bad[0]!r} must name two methods: A,B (e.g. PyramidKV,SnapKV)", file=sys.stderr)
         return 2
     try:
         budgets = parse_budget_names(args.budgets)
@@ -146,6 +189,7 @@ def main(argv=None) -> int:
               f"{args.results_root}/{args.model_name}_<budget>/{args.length}/", file=sys.stderr)
         return 2
     text = build_tables(table, budgets, [m for m in args.methods.split(",") if m], args.num_samples, args.length)
+    text += "".join("\n" + paired(table, budgets, a, b) + "\n" for a, b in pairs)
     print(text, end="")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
