@@ -82,3 +82,20 @@ def test_bad_paired_is_one_line_error(tmp_path, capsys):
                               "--tasks", "niah_single_1", "--paired", "SnapKV"]) == 2
     err = capsys.readouterr().err.strip()
     assert "'SnapKV'" in err and "A,B" in err and "\n" not in err
+
+
+def test_extra_root_rows_pair_with_the_main_root(tmp_path, capsys):
+    make_tree(str(tmp_path / "main"))
+    write(str(tmp_path / "k15" / "m_128" / "4096" / "niah_single_1" / "SnapKV.json"),
+          [rec(0, 0), rec(1, 1), rec(2, 1), rec(3, 1)])
+    out = tmp_path / "t.md"
+    assert sample_table.main(["--results_root", str(tmp_path / "main"), "--model_name", "m", "--budgets", "128",
+                              "--tasks", "niah_single_1", "--num_samples", "4", "--out", str(out),
+                              "--extra_root", f"k15={tmp_path / 'k15'}", "--paired", "SnapKV@k15,SnapKV"]) == 0
+    text = out.read_text()
+    assert "| SnapKV@k15 | 75 ± 22 |" in text and "| SnapKV | 100 ± 0 |" in text
+    assert "| niah_single_1 | 0 / 1, p=1 |" in text
+    assert "| FullKV | 75 ± 22 |" in text  # found in budget 64's directory though only 128 was asked for
+    assert sample_table.main(["--results_root", str(tmp_path / "main"), "--model_name", "m", "--budgets", "128",
+                              "--tasks", "niah_single_1", "--extra_root", "k15"]) == 2
+    assert "LABEL=DIR" in capsys.readouterr().err

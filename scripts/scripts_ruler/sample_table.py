@@ -55,21 +55,27 @@ def cell(by_index: dict) -> dict:
 
 
 def collect(results_root: str, model_name: str, budgets: list, tasks: list, length: str,
-            num_samples: int) -> dict:
-    """{task: {method: {budget: cell}}}; FullKV (run once, in one budget's directory) under "all"."""
-    table: dict = {t: {} for t in tasks}
-    for budget in budgets:
+            num_samples: int, label: str = "", table: dict | None = None) -> dict:
+    """{task: {method: {budget: cell}}}; FullKV (run once, in one budget's directory) under "all".
+    With a label, the root's methods are added to `table` as "{method}@{label}" (another run of the
+    same prompts with other settings, e.g. another kernel size)."""
+    table = table if table is not None else {t: {} for t in tasks}
+    # FullKV does not depend on the budget: a sweep runs it once, in whichever budget's directory
+    # came first, so it is looked for in every {model_name}_* directory, asked-for budgets first
+    others = sorted(d[len(model_name) + 1:] for d in os.listdir(results_root) if d.startswith(model_name + "_")) \
+        if os.path.isdir(results_root) else []
+    for budget in list(budgets) + [b for b in others if b not in budgets]:
         for task in tasks:
             task_dir = os.path.join(results_root, f"{model_name}_{budget}", length, task)
             if not os.path.isdir(task_dir):
                 continue
             for name in sorted(os.listdir(task_dir)):
-                if not name.endswith(".json"):
+                if not name.endswith(".json") or (budget not in budgets and name.lower() != "fullkv.json"):
                     continue
                 scores = per_sample_scores(os.path.join(task_dir, name), task, num_samples)
                 if not scores:
                     continue
-                method = name[:-5]
+                method = name[:-5] + (f"@{label}" if label else "")
                 key = "all" if method.lower() == "fullkv" else budget
                 table[task].setdefault(method, {}).setdefault(key, cell(scores))
     return table
@@ -162,6 +168,9 @@ def main(argv=None) -> int:
                         help="row order (comma list); others follow sorted (default: the issue-17 order)")
     parser.add_argument("--paired", default=None, action="append",
                         help="A,B: also count the prompts where only A or only B is right (repeatable)")
+    parser.add_argument("--extra_root", default=None, action="append",
+                        help="LABEL=DIR: also read DIR (another save dir of the same prompts); its methods "
+                             "become METHOD@LABEL rows (repeatable)")
     parser.add_argument("--out", default="", help="also write the markdown here (default: print only)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -178,12 +187,19 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: --paired {bad[0]!r} must name two methods: A,B (e.g. PyramidKV,SnapKV)", file=sys.stderr)
         return 2
+    extra = [e.split("=", 1) for e in args.extra_root or []]
+    bad = [e for e, p in zip(args.extra_root or [], extra) if len(p) != 2 or not all(p) or not os.path.isdir(p[1])]
+    if bad:
+        print(f"error: --extra_root {bad[0]!r} must be LABEL=DIR with an existing DIR", file=sys.stderr)
+        return 2
     try:
         budgets = parse_budget_names(args.budgets)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = collect(args.results_root, args.model_name, budgets, tasks, args.length, args.num_samples)
+    for label, root in extra:
+        collect(root, args.model_name, budgets, tasks, args.length, args.num_samples, label, table)
     if not any(table.values()):
         print(f"error: no prediction files for {','.join(tasks)} under "
               f"{args.results_root}/{args.model_name}_<budget>/{args.length}/", file=sys.stderr)
