@@ -211,6 +211,14 @@ def string_match_part(predictions: list[str], references: list[list[str]]) -> fl
     return round(100 * total / len(predictions), 2)
 
 
+def leading_digits(prediction: str, value: str) -> int:
+    """How many leading digits of a numeric needle value the answer reproduces: the digits of the
+    answer before its first "." compared with the value from the left (the needle diagnosis' measure:
+    SnapKV's kernel-7 answers reproduce exactly 4 of 7 digits on SmolLM2)."""
+    digits = "".join(ch for ch in prediction.split(".")[0] if ch.isdigit())
+    return next((i for i, (a, b) in enumerate(zip(digits, value)) if a != b), min(len(digits), len(value)))
+
+
 RULER_TASK_TO_METRIC = {
     **{t: string_match_all for t in ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
                                      "niah_multikey_2", "niah_multikey_3", "niah_multivalue",

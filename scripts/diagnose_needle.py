@@ -79,7 +79,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     configs = [parse_config(c) for c in args.configs.split(",")]
     import torch
-    from pyramidkv import build_method, models
+    from pyramidkv import build_method, metrics, models
     from pyramidkv.methods.adakv import PerHeadSnapKV
     from pyramidkv.methods.base import group_mean, window_attention
     from pyramidkv.ruler import generate_sample
@@ -111,9 +111,7 @@ def main(argv=None):
             value = sample["outputs"][0]
             for name, tokens in zip(answers, outs):
                 pred = tokenizer.decode(tokens[0], skip_special_tokens=True)
-                digits = "".join(ch for ch in pred.split(".")[0] if ch.isdigit())
-                lead = next((i for i, (a, b) in enumerate(zip(digits, value)) if a != b), min(len(digits), len(value)))
-                answers[name].append((value in pred, lead))
+                answers[name].append((value in pred, metrics.leading_digits(pred, value)))
         budgets = {name: build_method(m, max_capacity_prompt=args.budget, **c).layer_budgets(enc.input_ids.shape[1], layers)
                    for name, (m, c) in zip(names, configs)}
         for x in records:

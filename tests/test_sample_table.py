@@ -99,3 +99,23 @@ def test_extra_root_rows_pair_with_the_main_root(tmp_path, capsys):
     assert sample_table.main(["--results_root", str(tmp_path / "main"), "--model_name", "m", "--budgets", "128",
                               "--tasks", "niah_single_1", "--extra_root", "k15"]) == 2
     assert "LABEL=DIR" in capsys.readouterr().err
+
+
+def test_leading_digits_histogram(tmp_path):
+    make_tree(str(tmp_path))
+    out = tmp_path / "t.md"
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64,128",
+                              "--tasks", "niah_single_1", "--num_samples", "4", "--out", str(out),
+                              "--leading_digits"]) == 0
+    text = out.read_text()
+    # wrong answers are " 1234." (the first 4 of 1234567), right ones the whole value
+    assert "| FullKV | all | 0 / 0 / 0 / 0 / 1 / 0 / 0 / 3 |" in text
+    assert "| SnapKV | 64 | 0 / 0 / 0 / 0 / 1 / 0 / 0 / 1 |" in text
+
+
+def test_leading_digits_metric():
+    from pyramidkv import metrics
+    assert metrics.leading_digits(" 1585.", "1585744") == 4
+    assert metrics.leading_digits("The number is 1585744.", "1585744") == 7
+    assert metrics.leading_digits(" 9585744.", "1585744") == 0
+    assert metrics.leading_digits("no number", "1585744") == 0

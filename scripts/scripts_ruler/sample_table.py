@@ -27,9 +27,10 @@ from pyramidkv.method_flags import parse_budget_names
 from pyramidkv.result_files import iter_jsonl
 
 
-def per_sample_scores(path: str, task: str, num_samples: int) -> dict:
+def per_sample_scores(path: str, task: str, num_samples: int, leads: dict | None = None) -> dict:
     """{index: score 0-100} of the samples with index < num_samples (the first line of an index
-    counts); bad lines warned and skipped, as eval.py does."""
+    counts); bad lines warned and skipped, as eval.py does. `leads`, when given, receives {index:
+    leading value digits the answer reproduces} for samples with one numeric needle value."""
     metric = metrics.RULER_TASK_TO_METRIC[task]
     scores: dict = {}
     for line_no, record, error, missing in iter_jsonl(path, ("pred", "outputs", "index")):
@@ -41,6 +42,8 @@ def per_sample_scores(path: str, task: str, num_samples: int) -> dict:
         if index in scores or not (isinstance(index, int) and 0 <= index < num_samples):
             continue
         scores[index] = metric([metrics.ruler_postprocess(record["pred"])], [record["outputs"]])
+        if leads is not None and len(record["outputs"]) == 1 and str(record["outputs"][0]).isdigit():
+            leads[index] = metrics.leading_digits(record["pred"], record["outputs"][0])
     return scores
 
 
@@ -72,12 +75,13 @@ def collect(results_root: str, model_name: str, budgets: list, tasks: list, leng
             for name in sorted(os.listdir(task_dir)):
                 if not name.endswith(".json") or (budget not in budgets and name.lower() != "fullkv.json"):
                     continue
-                scores = per_sample_scores(os.path.join(task_dir, name), task, num_samples)
+                leads: dict = {}
+                scores = per_sample_scores(os.path.join(task_dir, name), task, num_samples, leads)
                 if not scores:
                     continue
                 method = name[:-5] + (f"@{label}" if label else "")
                 key = "all" if method.lower() == "fullkv" else budget
-                table[task].setdefault(method, {}).setdefault(key, cell(scores))
+                table[task].setdefault(method, {}).setdefault(key, dict(cell(scores), leads=leads))
     return table
 
 
@@ -121,6 +125,30 @@ def build_tables(table: dict, budgets: list, order: list, num_samples: int, leng
             f"its 95% bound is about 300/n points away (rule of three; {300 / num_samples:.0f} at n={num_samples}). "
             "FullKV keeps every token: one run, in every column.")
     return "\n\n".join(blocks + [note]) + "\n"
+
+
+def leading_digit_table(table: dict, budgets: list, order: list) -> str:
+    """Per task, method and budget: how many answers reproduce exactly the first 0, 1, ... digits of
+    a numeric needle value (the last column: the whole value before the answer's first "."), the
+    needle diagnosis' measure."""
+    blocks = []
+    for task, per_method in table.items():
+        values = [v for m in per_method.values() for c in m.values() for v in c["leads"].values()]
+        if not values:  # no numeric single-value needles (UUIDs, words, several values)
+            continue
+        width = max(values)
+        lines = [f"**{task}: answers reproducing exactly the first 0 / 1 / … / {width} value digits**", "",
+                 "| method | budget | " + " / ".join(map(str, range(width + 1))) + " |", "|---|---|---|"]
+        methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
+        for method in methods:
+            for key in (["all"] if "all" in per_method[method] else budgets):
+                c = per_method[method].get(key)
+                if c is None:
+                    continue
+                counts = [sum(1 for v in c["leads"].values() if v == d) for d in range(width + 1)]
+                lines.append(f"| {method} | {key} | " + " / ".join(map(str, counts)) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -171,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra_root", default=None, action="append",
                         help="LABEL=DIR: also read DIR (another save dir of the same prompts); its methods "
                              "become METHOD@LABEL rows (repeatable)")
+    parser.add_argument("--leading_digits", action="store_true",
+                        help="also count, per cell, the answers reproducing exactly the first k digits of "
+                             "a numeric needle (default: off)")
     parser.add_argument("--out", default="", help="also write the markdown here (default: print only)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -206,6 +237,8 @@ def main(argv=None) -> int:
         return 2
     text = build_tables(table, budgets, [m for m in args.methods.split(",") if m], args.num_samples, args.length)
     text += "".join("\n" + paired(table, budgets, a, b) + "\n" for a, b in pairs)
+    if args.leading_digits:
+        text += "\n" + leading_digit_table(table, budgets, [m for m in args.methods.split(",") if m]) + "\n"
     print(text, end="")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
