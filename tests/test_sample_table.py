@@ -119,3 +119,10 @@ def test_leading_digits_metric():
     assert metrics.leading_digits("The number is 1585744.", "1585744") == 7
     assert metrics.leading_digits(" 9585744.", "1585744") == 0
     assert metrics.leading_digits("no number", "1585744") == 0
+
+
+def test_fullkv_of_another_setting_is_not_used(tmp_path):
+    write(str(tmp_path / "m_128" / "4096" / "niah_single_1" / "SnapKV.json"), [rec(0, 1)])
+    write(str(tmp_path / "m_512_kivi4" / "4096" / "niah_single_1" / "FullKV.json"), [rec(0, 0)])
+    table = sample_table.collect(str(tmp_path), "m", ["128"], ["niah_single_1"], "4096", 4)
+    assert set(table["niah_single_1"]) == {"SnapKV"}

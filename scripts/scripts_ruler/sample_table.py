@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 from pyramidkv import metrics
@@ -64,8 +65,10 @@ def collect(results_root: str, model_name: str, budgets: list, tasks: list, leng
     same prompts with other settings, e.g. another kernel size)."""
     table = table if table is not None else {t: {} for t in tasks}
     # FullKV does not depend on the budget: a sweep runs it once, in whichever budget's directory
-    # came first, so it is looked for in every {model_name}_* directory, asked-for budgets first
-    others = sorted(d[len(model_name) + 1:] for d in os.listdir(results_root) if d.startswith(model_name + "_")) \
+    # came first, so it is looked for in the other plain budget directories too (asked-for budgets
+    # first); a suffixed one ({model}_512_kivi4, _whitened) holds another setting and is never used
+    plain = re.compile(re.escape(model_name) + r"_((?:keep|compress)?[0-9.]+)$")
+    others = sorted(m.group(1) for m in map(plain.match, os.listdir(results_root)) if m) \
         if os.path.isdir(results_root) else []
     for budget in list(budgets) + [b for b in others if b not in budgets]:
         for task in tasks:
