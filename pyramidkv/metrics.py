@@ -219,6 +219,18 @@ def leading_digits(prediction: str, value: str) -> int:
     return next((i for i, (a, b) in enumerate(zip(digits, value)) if a != b), min(len(digits), len(value)))
 
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def leading_uuid_chars(prediction: str, value: str) -> int:
+    """How many leading characters (hyphens included, 36 = all) of a UUID needle value the answer
+    reproduces: its first run of at least 4 hex digits and hyphens that holds a digit or a hyphen
+    (so that words such as "added" are not taken for it), compared with the value from the left."""
+    run = next((m.group(0) for m in re.finditer(r"[0-9a-f][0-9a-f-]{3,}", prediction.lower())
+                if re.search(r"[0-9-]", m.group(0))), "")
+    return next((i for i, (a, b) in enumerate(zip(run, value)) if a != b), min(len(run), len(value)))
+
+
 RULER_TASK_TO_METRIC = {
     **{t: string_match_all for t in ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
                                      "niah_multikey_2", "niah_multikey_3", "niah_multivalue",

@@ -121,6 +121,27 @@ def test_leading_digits_metric():
     assert metrics.leading_digits("no number", "1585744") == 0
 
 
+def test_leading_uuid_characters(tmp_path):
+    from pyramidkv import metrics
+    uuid = "d14d112e-a120-480d-afdc-2dbc5ea405b8"
+    assert metrics.leading_uuid_chars(f' the "{uuid}" which', uuid) == 36
+    assert metrics.leading_uuid_chars(' the "d14d112e-a120-480d-9111-000000000000"', uuid) == 19
+    assert metrics.leading_uuid_chars(' "d14d112e2222222"', uuid) == 8
+    # a hex-letter word before the answer is not taken for it; no UUID-like run at all is 0
+    assert metrics.leading_uuid_chars(' it added "d14d0000"', uuid) == 4
+    assert metrics.leading_uuid_chars(' the "chivalrous-spokeswoman" uuid', uuid) == 0
+    base = os.path.join(str(tmp_path), "m_{}", "4096", "niah_single_3", "{}.json")
+    preds = [f' "{uuid}"', ' "d14d112e-a120-480d-9111-0000"', ' "d14d1"', " none"]
+    write(base.format(64, "FullKV"), [{"pred": p, "outputs": [uuid], "index": i} for i, p in enumerate(preds)])
+    out = tmp_path / "t.md"
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64",
+                              "--tasks", "niah_single_3", "--num_samples", "4", "--out", str(out),
+                              "--leading_digits"]) == 0
+    text = out.read_text()
+    assert "0 / 1–7 / 8–12 / 13–17 / 18–22 / 23–35 / 36 UUID characters" in text
+    assert "| FullKV | all | 1 / 1 / 0 / 0 / 1 / 0 / 1 |" in text
+
+
 def test_fullkv_of_another_setting_is_not_used(tmp_path):
     write(str(tmp_path / "m_128" / "4096" / "niah_single_1" / "SnapKV.json"), [rec(0, 1)])
     write(str(tmp_path / "m_512_kivi4" / "4096" / "niah_single_1" / "FullKV.json"), [rec(0, 0)])

@@ -31,7 +31,8 @@ from pyramidkv.result_files import iter_jsonl
 def per_sample_scores(path: str, task: str, num_samples: int, leads: dict | None = None) -> dict:
     """{index: score 0-100} of the samples with index < num_samples (the first line of an index
     counts); bad lines warned and skipped, as eval.py does. `leads`, when given, receives {index:
-    leading value digits the answer reproduces} for samples with one numeric needle value."""
+    ("digits" or "uuid", leading value characters the answer reproduces)} for samples with one
+    needle value that is a number or a UUID."""
     metric = metrics.RULER_TASK_TO_METRIC[task]
     scores: dict = {}
     for line_no, record, error, missing in iter_jsonl(path, ("pred", "outputs", "index")):
@@ -43,8 +44,11 @@ def per_sample_scores(path: str, task: str, num_samples: int, leads: dict | None
         if index in scores or not (isinstance(index, int) and 0 <= index < num_samples):
             continue
         scores[index] = metric([metrics.ruler_postprocess(record["pred"])], [record["outputs"]])
-        if leads is not None and len(record["outputs"]) == 1 and str(record["outputs"][0]).isdigit():
-            leads[index] = metrics.leading_digits(record["pred"], record["outputs"][0])
+        value = str(record["outputs"][0]) if len(record["outputs"]) == 1 else ""
+        if leads is not None and value.isdigit():
+            leads[index] = ("digits", metrics.leading_digits(record["pred"], value))
+        elif leads is not None and metrics.UUID.fullmatch(value):
+            leads[index] = ("uuid", metrics.leading_uuid_chars(record["pred"], value))
     return scores
 
 
@@ -130,25 +134,34 @@ def build_tables(table: dict, budgets: list, order: list, num_samples: int, leng
     return "\n\n".join(blocks + [note]) + "\n"
 
 
+# UUID answers are binned at the ends of the UUID's hex groups (8-4-4-4-12 characters)
+UUID_BINS = [(0, 0), (1, 7), (8, 12), (13, 17), (18, 22), (23, 35), (36, 36)]
+
+
 def leading_digit_table(table: dict, budgets: list, order: list) -> str:
     """Per task, method and budget: how many answers reproduce exactly the first 0, 1, ... digits of
     a numeric needle value (the last column: the whole value before the answer's first "."), the
-    needle diagnosis' measure."""
+    needle diagnosis' measure; for UUID values, the leading characters reproduced, in bins that end
+    where the UUID's groups end (the last: the whole UUID)."""
     blocks = []
     for task, per_method in table.items():
-        values = [v for m in per_method.values() for c in m.values() for v in c["leads"].values()]
-        if not values:  # no numeric single-value needles (UUIDs, words, several values)
+        leads = [v for m in per_method.values() for c in m.values() for v in c["leads"].values()]
+        if not leads:  # no single-value needles of digits or a UUID (words, several values)
             continue
-        width = max(values)
-        lines = [f"**{task}: answers reproducing exactly the first 0 / 1 / … / {width} value digits**", "",
-                 "| method | budget | " + " / ".join(map(str, range(width + 1))) + " |", "|---|---|---|"]
+        if leads[0][0] == "uuid":
+            bins, unit = UUID_BINS, "UUID characters"
+        else:
+            bins, unit = [(d, d) for d in range(max(n for _, n in leads) + 1)], "value digits"
+        names = [str(lo) if lo == hi else f"{lo}–{hi}" for lo, hi in bins]
+        lines = [f"**{task}: answers reproducing exactly the first {' / '.join(names)} {unit}**", "",
+                 "| method | budget | " + " / ".join(names) + " |", "|---|---|---|"]
         methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
         for method in methods:
             for key in (["all"] if "all" in per_method[method] else budgets):
                 c = per_method[method].get(key)
                 if c is None:
                     continue
-                counts = [sum(1 for v in c["leads"].values() if v == d) for d in range(width + 1)]
+                counts = [sum(1 for _, n in c["leads"].values() if lo <= n <= hi) for lo, hi in bins]
                 lines.append(f"| {method} | {key} | " + " / ".join(map(str, counts)) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -204,7 +217,7 @@ def main(argv=None) -> int:
                              "become METHOD@LABEL rows (repeatable)")
     parser.add_argument("--leading_digits", action="store_true",
                         help="also count, per cell, the answers reproducing exactly the first k digits of "
-                             "a numeric needle (default: off)")
+                             "a numeric needle, or the first k characters of a UUID needle (default: off)")
     parser.add_argument("--out", default="", help="also write the markdown here (default: print only)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
