@@ -147,3 +147,21 @@ def test_fullkv_of_another_setting_is_not_used(tmp_path):
     write(str(tmp_path / "m_512_kivi4" / "4096" / "niah_single_1" / "FullKV.json"), [rec(0, 0)])
     table = sample_table.collect(str(tmp_path), "m", ["128"], ["niah_single_1"], "4096", 4)
     assert set(table["niah_single_1"]) == {"SnapKV"}
+
+
+def test_wide_layout(tmp_path):
+    make_tree(str(tmp_path))
+    base = os.path.join(str(tmp_path), "m_{}", "4096", "niah_single_2", "{}.json")
+    write(base.format(64, "FullKV"), [rec(i, 1) for i in range(4)])
+    write(base.format(64, "SnapKV"), [rec(i, i < 1) for i in range(4)])
+    write(base.format(128, "SnapKV"), [rec(i, i < 3) for i in range(4)])
+    out = tmp_path / "t.md"
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64,128",
+                              "--tasks", "niah_single_1,niah_single_2", "--num_samples", "4", "--wide",
+                              "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| method | niah_single_1: 64 | 128 | niah_single_2: 64 | 128 |" in text
+    # SnapKV 64 holds 2 of the 4 samples of niah_single_1 (1 right): its cell keeps the count
+    assert "| SnapKV | 50 (n=2) | 100 | 25 | 75 |" in text
+    assert "| FullKV | 75 | 75 | 100 | 100 |" in text
+    assert "| SnapKV | 37.5 (n=2) | 87.5 |" in text  # the 2-task average

@@ -134,6 +134,34 @@ def build_tables(table: dict, budgets: list, order: list, num_samples: int, leng
     return "\n\n".join(blocks + [note]) + "\n"
 
 
+def wide_tables(table: dict, budgets: list, order: list, num_samples: int) -> str:
+    """The README's layout: scores only (no errors), two tasks side by side per table, then the
+    average over all the tasks; a partial cell keeps its (n=k)."""
+    def mean(c, digits=0):
+        return "-" if c is None else f"{c['mean']:.{digits}f}" + ("" if c["n"] >= num_samples else f" (n={c['n']})")
+    complete = [t for t in table if table[t]]
+    blocks = []
+    for first in range(0, len(complete), 2):
+        group = complete[first:first + 2]
+        methods = [m for m in order if any(m in table[t] for t in group)] + \
+            sorted(set().union(*(table[t] for t in group)) - set(order))
+        header = " | ".join(f"{t}: {budgets[0]}" + "".join(f" | {b}" for b in budgets[1:]) for t in group)
+        lines = [f"| method | {header} |", "|---|" + "---|" * (len(budgets) * len(group))]
+        for m in methods:
+            row = [mean(table[t].get(m, {}).get("all", table[t].get(m, {}).get(b))) for t in group for b in budgets]
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        blocks.append("\n".join(lines))
+    if len(complete) > 1:
+        methods = set.intersection(*(set(table[t]) for t in complete))
+        lines = [f"| method ({len(complete)}-task average) | " + " | ".join(map(str, budgets)) + " |",
+                 "|---|" + "---|" * len(budgets)]
+        for m in [m for m in order if m in methods] + sorted(methods - set(order)):
+            row = [average_cell([table[t][m].get("all", table[t][m].get(b)) for t in complete]) for b in budgets]
+            lines.append(f"| {m} | " + " | ".join(mean(c, 1) for c in row) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 # UUID answers are binned at the ends of the UUID's hex groups (8-4-4-4-12 characters)
 UUID_BINS = [(0, 0), (1, 7), (8, 12), (13, 17), (18, 22), (23, 35), (36, 36)]
 
@@ -218,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--leading_digits", action="store_true",
                         help="also count, per cell, the answers reproducing exactly the first k digits of "
                              "a numeric needle, or the first k characters of a UUID needle (default: off)")
+    parser.add_argument("--wide", action="store_true",
+                        help="print scores only, two tasks side by side per table, then the average (the "
+                             "README's layout; --paired and --leading_digits still follow)")
     parser.add_argument("--out", default="", help="also write the markdown here (default: print only)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -251,10 +282,12 @@ def main(argv=None) -> int:
         print(f"error: no prediction files for {','.join(tasks)} under "
               f"{args.results_root}/{args.model_name}_<budget>/{args.length}/", file=sys.stderr)
         return 2
-    text = build_tables(table, budgets, [m for m in args.methods.split(",") if m], args.num_samples, args.length)
+    order = [m for m in args.methods.split(",") if m]
+    text = (wide_tables if args.wide else
+            lambda *a: build_tables(*a, args.length))(table, budgets, order, args.num_samples)
     text += "".join("\n" + paired(table, budgets, a, b) + "\n" for a, b in pairs)
     if args.leading_digits:
-        text += "\n" + leading_digit_table(table, budgets, [m for m in args.methods.split(",") if m]) + "\n"
+        text += "\n" + leading_digit_table(table, budgets, order) + "\n"
     print(text, end="")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
