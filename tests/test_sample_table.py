@@ -21,6 +21,14 @@ def rec(index, right):
     return {"pred": " 1234567." if right else " 1234.", "outputs": ["1234567"], "index": index}
 
 
+def table_text(tmp_path, budgets, tasks, *flags):
+    """sample_table's markdown for the tree under tmp_path (4 samples per cell)."""
+    out = tmp_path / "t.md"
+    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", budgets,
+                              "--tasks", tasks, "--num_samples", "4", "--out", str(out), *flags]) == 0
+    return out.read_text()
+
+
 def make_tree(root):
     base = os.path.join(root, "m_{}", "4096", "niah_single_1", "{}.json")
     # FullKV once (budget 64's directory): 3 right of 4; index 4 is past --num_samples 4
@@ -103,11 +111,7 @@ def test_extra_root_rows_pair_with_the_main_root(tmp_path, capsys):
 
 def test_leading_digits_histogram(tmp_path):
     make_tree(str(tmp_path))
-    out = tmp_path / "t.md"
-    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64,128",
-                              "--tasks", "niah_single_1", "--num_samples", "4", "--out", str(out),
-                              "--leading_digits"]) == 0
-    text = out.read_text()
+    text = table_text(tmp_path, "64,128", "niah_single_1", "--leading_digits")
     # wrong answers are " 1234." (the first 4 of 1234567), right ones the whole value
     assert "| FullKV | all | 0 / 0 / 0 / 0 / 1 / 0 / 0 / 3 |" in text
     assert "| SnapKV | 64 | 0 / 0 / 0 / 0 / 1 / 0 / 0 / 1 |" in text
@@ -133,11 +137,7 @@ def test_leading_uuid_characters(tmp_path):
     base = os.path.join(str(tmp_path), "m_{}", "4096", "niah_single_3", "{}.json")
     preds = [f' "{uuid}"', ' "d14d112e-a120-480d-9111-0000"', ' "d14d1"', " none"]
     write(base.format(64, "FullKV"), [{"pred": p, "outputs": [uuid], "index": i} for i, p in enumerate(preds)])
-    out = tmp_path / "t.md"
-    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64",
-                              "--tasks", "niah_single_3", "--num_samples", "4", "--out", str(out),
-                              "--leading_digits"]) == 0
-    text = out.read_text()
+    text = table_text(tmp_path, "64", "niah_single_3", "--leading_digits")
     assert "0 / 1–7 / 8–12 / 13–17 / 18–22 / 23–35 / 36 UUID characters" in text
     assert "| FullKV | all | 1 / 1 / 0 / 0 / 1 / 0 / 1 |" in text
 
@@ -155,11 +155,7 @@ def test_wide_layout(tmp_path):
     write(base.format(64, "FullKV"), [rec(i, 1) for i in range(4)])
     write(base.format(64, "SnapKV"), [rec(i, i < 1) for i in range(4)])
     write(base.format(128, "SnapKV"), [rec(i, i < 3) for i in range(4)])
-    out = tmp_path / "t.md"
-    assert sample_table.main(["--results_root", str(tmp_path), "--model_name", "m", "--budgets", "64,128",
-                              "--tasks", "niah_single_1,niah_single_2", "--num_samples", "4", "--wide",
-                              "--out", str(out)]) == 0
-    text = out.read_text()
+    text = table_text(tmp_path, "64,128", "niah_single_1,niah_single_2", "--wide")
     assert "| method | niah_single_1: 64 | 128 | niah_single_2: 64 | 128 |" in text
     # SnapKV 64 holds 2 of the 4 samples of niah_single_1 (1 right): its cell keeps the count
     assert "| SnapKV | 50 (n=2) | 100 | 25 | 75 |" in text

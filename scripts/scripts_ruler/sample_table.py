@@ -100,20 +100,42 @@ def average_cell(cells: list) -> dict | None:
             "se": math.sqrt(sum(c["se"] ** 2 for c in cells)) / len(cells), "n": min(c["n"] for c in cells)}
 
 
-def show(c: dict | None, num_samples: int) -> str:
+def show(c: dict | None, num_samples: int, se: bool = True, digits: int = 0) -> str:
+    """One cell: score (± its standard error), and (n=k) when it holds fewer samples than asked for."""
     if c is None:
         return "-"
-    text = f"{c['mean']:.0f} ± {c['se']:.0f}"
+    text = f"{c['mean']:.{digits}f}" + (f" ± {c['se']:.0f}" if se else "")
     return text if c["n"] >= num_samples else f"{text} (n={c['n']})"
 
 
+def ordered(methods, order: list) -> list:
+    """The methods named in `order` first, in that order, then the others sorted."""
+    return [m for m in order if m in methods] + sorted(set(methods) - set(order))
+
+
+def at(cells: dict, budget):
+    """A method's cell at a budget; FullKV's single run ("all") serves every budget."""
+    return cells.get("all", cells.get(budget))
+
+
+def task_average(table: dict, budgets: list) -> tuple[list, dict]:
+    """(the tasks with cells, {method: {budget: average cell}}) over the methods of every such task;
+    no averages for fewer than two tasks."""
+    complete = [t for t in table if table[t]]
+    if len(complete) < 2:
+        return complete, {}
+    methods = set.intersection(*(set(table[t]) for t in complete))
+    return complete, {m: {b: average_cell([at(table[t][m], b) for t in complete]) for b in budgets}
+                      for m in methods}
+
+
 def markdown(title: str, per_method: dict, budgets: list, order: list, num_samples: int) -> str:
-    methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
+    methods = ordered(per_method, order)
     lines = [f"**{title}**", "", "| method | " + " | ".join(map(str, budgets)) + " |",
              "|---|" + "---|" * len(budgets)]
     for method in methods:
         cells = per_method[method]
-        row = [show(cells.get("all", cells.get(b)), num_samples) for b in budgets]
+        row = [show(at(cells, b), num_samples) for b in budgets]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -121,11 +143,8 @@ def markdown(title: str, per_method: dict, budgets: list, order: list, num_sampl
 def build_tables(table: dict, budgets: list, order: list, num_samples: int, length: str) -> str:
     blocks = [markdown(f"{task}, {length} tokens", table[task], budgets, order, num_samples)
               for task in table if table[task]]
-    complete = [t for t in table if table[t]]
-    if len(complete) > 1:
-        methods = set.intersection(*(set(table[t]) for t in complete))
-        average = {m: {b: average_cell([table[t][m].get("all", table[t][m].get(b)) for t in complete])
-                       for b in budgets} for m in methods}
+    complete, average = task_average(table, budgets)
+    if average:
         blocks.append(markdown(f"average of {', '.join(complete)}", average, budgets, order, num_samples))
     note = (f"Cells: score ± standard error of the mean, from the samples with index < {num_samples}; "
             "(n=k) marks a cell with fewer samples. A cell of 0 ± 0 (or 100 ± 0) has no sample on the other side: "
@@ -137,27 +156,23 @@ def build_tables(table: dict, budgets: list, order: list, num_samples: int, leng
 def wide_tables(table: dict, budgets: list, order: list, num_samples: int) -> str:
     """The README's layout: scores only (no errors), two tasks side by side per table, then the
     average over all the tasks; a partial cell keeps its (n=k)."""
-    def mean(c, digits=0):
-        return "-" if c is None else f"{c['mean']:.{digits}f}" + ("" if c["n"] >= num_samples else f" (n={c['n']})")
-    complete = [t for t in table if table[t]]
+    complete, average = task_average(table, budgets)
     blocks = []
     for first in range(0, len(complete), 2):
         group = complete[first:first + 2]
-        methods = [m for m in order if any(m in table[t] for t in group)] + \
-            sorted(set().union(*(table[t] for t in group)) - set(order))
+        methods = ordered(set().union(*(table[t] for t in group)), order)
         header = " | ".join(f"{t}: {budgets[0]}" + "".join(f" | {b}" for b in budgets[1:]) for t in group)
         lines = [f"| method | {header} |", "|---|" + "---|" * (len(budgets) * len(group))]
         for m in methods:
-            row = [mean(table[t].get(m, {}).get("all", table[t].get(m, {}).get(b))) for t in group for b in budgets]
+            row = [show(at(table[t].get(m, {}), b), num_samples, se=False) for t in group for b in budgets]
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         blocks.append("\n".join(lines))
-    if len(complete) > 1:
-        methods = set.intersection(*(set(table[t]) for t in complete))
+    if average:
         lines = [f"| method ({len(complete)}-task average) | " + " | ".join(map(str, budgets)) + " |",
                  "|---|" + "---|" * len(budgets)]
-        for m in [m for m in order if m in methods] + sorted(methods - set(order)):
-            row = [average_cell([table[t][m].get("all", table[t][m].get(b)) for t in complete]) for b in budgets]
-            lines.append(f"| {m} | " + " | ".join(mean(c, 1) for c in row) + " |")
+        for m in ordered(average, order):
+            row = [show(average[m][b], num_samples, se=False, digits=1) for b in budgets]
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
@@ -183,8 +198,7 @@ def leading_digit_table(table: dict, budgets: list, order: list) -> str:
         names = [str(lo) if lo == hi else f"{lo}–{hi}" for lo, hi in bins]
         lines = [f"**{task}: answers reproducing exactly the first {' / '.join(names)} {unit}**", "",
                  "| method | budget | " + " / ".join(names) + " |", "|---|---|---|"]
-        methods = [m for m in order if m in per_method] + sorted(set(per_method) - set(order))
-        for method in methods:
+        for method in ordered(per_method, order):
             for key in (["all"] if "all" in per_method[method] else budgets):
                 c = per_method[method].get(key)
                 if c is None:
@@ -215,8 +229,8 @@ def paired(table: dict, budgets: list, first: str, second: str) -> str:
             continue
         row = []
         for budget in budgets:
-            a = per_method[first].get("all", per_method[first].get(budget))
-            b = per_method[second].get("all", per_method[second].get(budget))
+            a = at(per_method[first], budget)
+            b = at(per_method[second], budget)
             if a is None or b is None:
                 row.append("-")
                 continue
@@ -283,8 +297,10 @@ def main(argv=None) -> int:
               f"{args.results_root}/{args.model_name}_<budget>/{args.length}/", file=sys.stderr)
         return 2
     order = [m for m in args.methods.split(",") if m]
-    text = (wide_tables if args.wide else
-            lambda *a: build_tables(*a, args.length))(table, budgets, order, args.num_samples)
+    if args.wide:
+        text = wide_tables(table, budgets, order, args.num_samples)
+    else:
+        text = build_tables(table, budgets, order, args.num_samples, args.length)
     text += "".join("\n" + paired(table, budgets, a, b) + "\n" for a, b in pairs)
     if args.leading_digits:
         text += "\n" + leading_digit_table(table, budgets, order) + "\n"
